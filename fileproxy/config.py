@@ -1,0 +1,296 @@
+"""Every fileproxy setting: one Config dataclass that CLI flags, FILEPROXY_* env and a TOML file land on."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from yarl import URL
+
+ENV_PREFIX = "FILEPROXY_"
+CONFIG_FILE_ENV = "FILEPROXY_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the setting and where it came from."""
+
+
+# ---------------------------------------------------------------- value parsers
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
+               "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
+_TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_size(text: str) -> int:
+    """'256k', '1MiB', '4096' -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError("expected a size such as 4096, 256k or 1MiB")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def parse_seconds(text: str) -> float:
+    """'30', '1.5', '500ms', '5m', '2h' -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-z]*)\s*", str(text))
+    if not match or match.group(2) not in _TIME_UNITS:
+        raise ValueError("expected a duration such as 30, 1.5, 500ms, 5m or 2h")
+    return float(match.group(1)) * _TIME_UNITS[match.group(2)]
+
+
+def parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def parse_count(text: str) -> int:
+    value = int(str(text).strip())
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def parse_upstream(text: str) -> str:
+    """An upstream base URL: http(s)://host[:port][/prefix], no query or fragment."""
+    url = URL(str(text).strip(), encoded=True)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("expected a URL such as http://10.0.0.5:8000")
+    if url.raw_query_string or url.raw_fragment:
+        raise ValueError("an upstream URL takes no query or fragment")
+    return str(url).rstrip("/")
+
+
+def parse_bind(text: str) -> str:
+    """HOST:PORT, [IPv6]:PORT or unix:PATH, as gunicorn names it."""
+    text = str(text).strip()
+    if text.startswith("unix:") and len(text) > 5:
+        return text
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]*):(\d{1,5})", text)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ValueError("expected HOST:PORT (e.g. 0.0.0.0:8080) or unix:PATH")
+    return text
+
+
+def parse_admin_prefix(text: str) -> str:
+    text = "/" + str(text).strip().strip("/")
+    if text == "/" or not re.fullmatch(r"/[A-Za-z0-9._~\-/]+", text):
+        raise ValueError("expected a path such as /_fileproxy")
+    return text
+
+
+def parse_congestion(text: str) -> str:
+    name = str(text).strip()
+    if not name:
+        return ""
+    available = _available_congestion_controls()
+    if available is not None and name not in available:
+        raise ValueError(f"not available in this kernel (available: {' '.join(sorted(available))})")
+    return name
+
+
+def _available_congestion_controls() -> set[str] | None:
+    try:
+        with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as handle:
+            return set(handle.read().split())
+    except OSError:
+        return None
+
+
+def choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = str(text).strip().lower()
+        if value not in allowed:
+            raise ValueError(f"expected one of: {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def positive(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse_positive(text: str) -> Any:
+        value = parse(text)
+        if value <= 0:
+            raise ValueError("must be greater than zero")
+        return value
+
+    return parse_positive
+
+
+# ---------------------------------------------------------------- the settings
+
+def setting(default: Any, parse: Callable[[str], Any], help: str, *, aliases: tuple[str, ...] = (),
+            metavar: str = "", repeat: bool = False) -> Any:
+    """A Config field with what the CLI, env and file loaders need to know about it."""
+    meta = {"parse": parse, "help": help, "aliases": aliases, "metavar": metavar, "repeat": repeat}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def default_workers() -> int:
+    """Two workers per core keeps both cores busy while one worker waits on a slow disk or peer."""
+    return max(2, 2 * (os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class Config:
+    """All settings. CLI beats env (FILEPROXY_*) beats the TOML file beats these defaults."""
+
+    upstream: tuple[str, ...] = setting(
+        (), parse_upstream, "upstream base URL, e.g. http://10.0.0.5:8000 (repeat for several)",
+        metavar="URL", repeat=True)
+    bind: str = setting("0.0.0.0:8080", parse_bind, "address to listen on: HOST:PORT or unix:PATH",
+                        metavar="HOST:PORT")
+    workers: int = setting(default_workers(), positive(parse_count),
+                           "gunicorn worker processes (default: 2 per CPU)", metavar="N")
+    admin_prefix: str = setting("/_fileproxy", parse_admin_prefix,
+                                "path prefix reserved for fileproxy's own endpoints", metavar="PATH")
+    read_size: int = setting(256 * 1024, positive(parse_size),
+                             "bytes read from a peer per chunk and buffered per direction",
+                             metavar="SIZE")
+    connect_timeout: float = setting(10.0, positive(parse_seconds),
+                                     "seconds to open an upstream connection", metavar="SECONDS")
+    read_timeout: float = setting(
+        300.0, positive(parse_seconds),
+        "seconds the upstream may stay silent (before headers: 504; mid-body: abort)",
+        metavar="SECONDS")
+    client_keepalive: float = setting(
+        75.0, positive(parse_seconds), "seconds an idle client connection is kept open",
+        metavar="SECONDS")
+    upstream_keepalive: float = setting(
+        60.0, positive(parse_seconds), "seconds an idle pooled upstream connection is kept",
+        metavar="SECONDS")
+    pool_size: int = setting(1000, parse_count,
+                             "upstream connections per worker, all hosts (0: no limit)",
+                             metavar="N")
+    pool_size_per_host: int = setting(0, parse_count,
+                                      "upstream connections per worker and host (0: no limit)",
+                                      metavar="N")
+    dns_ttl: int = setting(300, parse_count, "seconds upstream DNS answers are cached",
+                           metavar="SECONDS")
+    tcp_nodelay: bool = setting(True, parse_bool, "TCP_NODELAY on client and upstream sockets")
+    tcp_congestion: str = setting("", parse_congestion,
+                                  "TCP congestion control for proxy sockets, e.g. bbr or cubic "
+                                  "(default: the system's)", metavar="NAME")
+    socket_sndbuf: int = setting(0, parse_size,
+                                 "SO_SNDBUF for client and upstream sockets (0: kernel autotuning)",
+                                 metavar="SIZE")
+    socket_rcvbuf: int = setting(0, parse_size,
+                                 "SO_RCVBUF for client and upstream sockets (0: kernel autotuning)",
+                                 metavar="SIZE")
+    host_header: str = setting("preserve", choice("preserve", "upstream"),
+                               "Host sent upstream: the client's (preserve) or the upstream's")
+    trust_forwarded: bool = setting(
+        False, parse_bool,
+        "keep incoming X-Forwarded-Proto/-Host (behind a trusted proxy); X-Forwarded-For is "
+        "always appended to")
+    via: str = setting("fileproxy", str, "pseudonym added to the Via header (empty: no Via)",
+                       metavar="NAME")
+    max_header_size: int = setting(64 * 1024, positive(parse_size),
+                                   "largest request header block accepted (else 431)",
+                                   metavar="SIZE")
+    max_headers: int = setting(200, positive(parse_count),
+                               "most request header fields accepted (else 431)", metavar="N")
+    graceful_timeout: float = setting(
+        600.0, positive(parse_seconds),
+        "seconds a stopping worker lets running transfers finish", metavar="SECONDS")
+    access_log: bool = setting(True, parse_bool, "write one access-log line per request")
+    log_level: str = setting("info", choice("debug", "info", "warning", "error"),
+                             "log level")
+
+    def __post_init__(self) -> None:
+        if not self.upstream:
+            raise ConfigError("--upstream: at least one upstream URL is required "
+                              "(e.g. --upstream http://127.0.0.1:8000)")
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+SETTINGS = {f.name: f for f in fields(Config)}
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def coerce(name: str, raw: Any, source: str) -> Any:
+    """Turn one raw value (string, or list for repeatable settings) into the field's value."""
+    spec = SETTINGS[name]
+    parse = spec.metadata["parse"]
+    try:
+        if spec.metadata["repeat"]:
+            items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
+            return tuple(parse(item) for item in items if str(item).strip())
+        if isinstance(raw, bool) and parse is parse_bool:
+            return raw
+        return parse(raw)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{flag_name(name)} (from {source}): {error} (got {raw!r})") from None
+
+
+def values_from_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as error:
+        raise ConfigError(f"--config: cannot read {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"--config: {path} is not valid TOML: {error}") from None
+    values = {}
+    for key, raw in data.items():
+        name = key.replace("-", "_")
+        if name not in SETTINGS:
+            raise ConfigError(f"--config: unknown setting {key!r} in {path}")
+        values[name] = coerce(name, raw, path)
+    return values
+
+
+def values_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    values = {}
+    for name in SETTINGS:
+        if env_name(name) in environ:
+            values[name] = coerce(name, environ[env_name(name)], env_name(name))
+    return values
+
+
+def load_config(cli_values: Mapping[str, Any] | None = None, config_file: str | None = None,
+                environ: Mapping[str, str] | None = None) -> Config:
+    """Defaults, then the TOML file, then FILEPROXY_* env vars, then CLI values (already raw)."""
+    environ = os.environ if environ is None else environ
+    config_file = config_file or environ.get(CONFIG_FILE_ENV)
+    values: dict[str, Any] = values_from_file(config_file) if config_file else {}
+    values.update(values_from_env(environ))
+    for name, raw in (cli_values or {}).items():
+        values[name] = coerce(name, raw, "command line")
+    return Config(**values)
+
+
+_active: Config | None = None
+
+
+def activate(config: Config) -> None:
+    """Make `config` the one gunicorn.conf.py and the worker app factory read."""
+    global _active
+    _active = config
+
+
+def active_config() -> Config:
+    """The Config the CLI activated, or (plain `gunicorn -c gunicorn.conf.py`) env + file."""
+    global _active
+    if _active is None:
+        _active = load_config()
+    return _active

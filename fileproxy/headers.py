@@ -1,0 +1,161 @@
+"""Request validation and header rewriting in both directions (hop-by-hop out, Via and X-Forwarded-* in)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aiohttp import ClientResponse, hdrs, web
+from multidict import CIMultiDict
+from yarl import URL
+
+from fileproxy.config import Config
+from fileproxy.errors import ProxyError
+
+# RFC 9110 7.6.1 and the de-facto ones every proxy strips.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "proxy-authorization", "proxy-authenticate",
+})
+# Framing is decided by the proxy on each side, never copied (aiohttp issue 13431).
+RESPONSE_FRAMING = frozenset({"content-length", "transfer-encoding"})
+FORWARDED_BY_PROXY = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via",
+                                "x-request-id"})
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """What goes upstream: method, raw target (path and query, byte-for-byte) and headers."""
+
+    method: str
+    target: str
+    headers: CIMultiDict[str]
+    has_body: bool
+
+
+def connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
+    """Header names listed in Connection, which are hop-by-hop for this one hop."""
+    tokens: set[str] = set()
+    for name, value in headers:
+        if name.lower() == "connection":
+            tokens.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return tokens
+
+
+def end_to_end(headers: Iterable[tuple[str, str]], extra_drop: frozenset[str]) -> list[tuple[str, str]]:
+    """Headers without hop-by-hop ones, in their original order, repeats kept."""
+    items = list(headers)
+    drop = HOP_BY_HOP | extra_drop | connection_tokens(items)
+    return [(name, value) for name, value in items if name.lower() not in drop]
+
+
+# ---------------------------------------------------------------- request side
+
+def check_request(request: web.Request, config: Config) -> str:
+    """Refuse what must never reach an upstream; return the origin-form target to send."""
+    if request.method == hdrs.METH_CONNECT:
+        raise ProxyError(405, "Method Not Allowed: CONNECT is refused; fileproxy is a reverse "
+                              "proxy, not a forward proxy", close=True,
+                         headers={"Allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"})
+    check_framing(request.raw_headers)
+    check_header_limits(request.raw_headers, config)
+    return origin_form_target(request)
+
+
+def check_framing(raw_headers: Iterable[tuple[bytes, bytes]]) -> None:
+    """Request-smuggling shapes (RFC 9112 6.3): CL with TE, or Content-Length values that disagree."""
+    lengths: set[bytes] = set()
+    chunked = False
+    for name, value in raw_headers:
+        lowered = name.lower()
+        if lowered == b"content-length":
+            lengths.update(part.strip() for part in value.split(b","))
+        elif lowered == b"transfer-encoding":
+            chunked = True
+    if lengths and chunked:
+        raise ProxyError(400, "Bad Request: both Content-Length and Transfer-Encoding were sent")
+    if len(lengths) > 1:
+        raise ProxyError(400, "Bad Request: conflicting Content-Length values")
+
+
+def check_header_limits(raw_headers: tuple[tuple[bytes, bytes], ...], config: Config) -> None:
+    if len(raw_headers) > config.max_headers:
+        raise ProxyError(431, f"Request Header Fields Too Large: {len(raw_headers)} fields, the "
+                              f"limit is {config.max_headers}")
+    size = sum(len(name) + len(value) + 4 for name, value in raw_headers)
+    if size > config.max_header_size:
+        raise ProxyError(431, f"Request Header Fields Too Large: {size} bytes, the limit is "
+                              f"{config.max_header_size}")
+
+
+def origin_form_target(request: web.Request) -> str:
+    """The request target exactly as received; absolute-form only when it names this host."""
+    raw = request.raw_path
+    if raw.startswith("/"):
+        return raw
+    if raw.startswith(("http://", "https://")):
+        url = URL(raw, encoded=True)
+        host_header = request.headers.get(hdrs.HOST, "")
+        if url.raw_authority.lower() == host_header.lower():
+            return url.raw_path_qs or "/"
+        raise ProxyError(400, f"Bad Request: absolute-form target for {url.raw_authority!r} "
+                              "refused; fileproxy is a reverse proxy, not an open proxy")
+    raise ProxyError(400, f"Bad Request: unsupported request target form {raw[:64]!r}")
+
+
+def outgoing_request(request: web.Request, config: Config, target: str, request_id: str,
+                     upstream_host: str) -> Outgoing:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in end_to_end(request.headers.items(), FORWARDED_BY_PROXY | {"host"}):
+        headers.add(name, value)
+    client_host = request.headers.get(hdrs.HOST)
+    headers[hdrs.HOST] = client_host if config.host_header == "preserve" and client_host \
+        else upstream_host
+    add_forwarding(headers, request, config, request_id)
+    return Outgoing(method=request.method, target=target, headers=headers,
+                    has_body=request.body_exists)
+
+
+def add_forwarding(headers: CIMultiDict[str], request: web.Request, config: Config,
+                   request_id: str) -> None:
+    """Via, X-Forwarded-For (appended to), -Proto and -Host (kept only when trusted)."""
+    incoming = request.headers
+    peer = peer_address(request)
+    chain = ", ".join([*incoming.getall("X-Forwarded-For", []), peer]) if peer else None
+    if chain:
+        headers["X-Forwarded-For"] = chain
+    trusted = config.trust_forwarded
+    proto = incoming.get("X-Forwarded-Proto") if trusted else None
+    headers["X-Forwarded-Proto"] = proto or request.scheme
+    forwarded_host = incoming.get("X-Forwarded-Host") if trusted else None
+    if forwarded_host or incoming.get(hdrs.HOST):
+        headers["X-Forwarded-Host"] = forwarded_host or incoming[hdrs.HOST]
+    vias = incoming.getall(hdrs.VIA, [])
+    if config.via:
+        vias.append(f"{request.version.major}.{request.version.minor} {config.via}")
+    if vias:
+        headers[hdrs.VIA] = ", ".join(vias)
+    headers["X-Request-Id"] = request_id
+
+
+def peer_address(request: web.Request) -> str | None:
+    transport = request.transport
+    peername = transport.get_extra_info("peername") if transport else None
+    if isinstance(peername, (tuple, list)) and peername:
+        return str(peername[0])
+    return None
+
+
+# ---------------------------------------------------------------- response side
+
+def response_headers(upstream: ClientResponse) -> list[tuple[str, str]]:
+    """The upstream's end-to-end response headers in order, framing headers left to the proxy."""
+    return end_to_end(upstream.headers.items(), RESPONSE_FRAMING)
+
+
+def response_length(upstream: ClientResponse) -> int | None:
+    """The body length to announce downstream, or None to stream it chunked."""
+    if "chunked" in upstream.headers.get(hdrs.TRANSFER_ENCODING, "").lower():
+        return None
+    length = upstream.headers.get(hdrs.CONTENT_LENGTH)
+    return int(length) if length is not None and length.isdigit() else None

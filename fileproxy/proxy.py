@@ -1,0 +1,56 @@
+"""The proxy handler: the whole request path, top to bottom, in one place."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from fileproxy.errors import ProxyError
+from fileproxy.headers import check_request, outgoing_request
+from fileproxy.keys import CONFIG, SESSION, UPSTREAMS
+from fileproxy.streaming import relay_response
+from fileproxy.upstream import body_payload, send
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+async def proxy_handler(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    request_id = request_id_for(request)
+    try:
+        # 1. validate and build the upstream request (4xx here never reaches an upstream)
+        target = check_request(request, config)
+        # 2. choose an upstream
+        upstream = request.app[UPSTREAMS][0]
+        outgoing = outgoing_request(request, config, target, request_id, upstream.authority)
+        # 3. send it; the body streams from the client as it arrives
+        upstream_response = await send(request.app[SESSION], upstream, outgoing,
+                                       body_payload(request, outgoing))
+    except ProxyError as error:
+        return error.response(request_id)
+    # 4. stream the response back with backpressure; a cut body aborts the client connection
+    async with upstream_response:
+        return await relay_response(request, upstream_response)
+
+
+def request_id_for(request: web.Request) -> str:
+    """The client's X-Request-Id when it is a sane token, else a fresh random one."""
+    incoming = request.headers.get("X-Request-Id", "")
+    return incoming if _SANE_REQUEST_ID.fullmatch(incoming) else secrets.token_hex(8)
+
+
+async def defer_expect(request: web.Request) -> None:
+    """Send no early 100 Continue: the client gets one when the upstream asks for the body."""
+
+
+@web.middleware
+async def route_every_target(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Targets the router cannot place (CONNECT authority-form, '*') go to the proxy handler,
+    which refuses them with a reason instead of a bare 404."""
+    if request.match_info.http_exception is not None:
+        return await proxy_handler(request)
+    return await handler(request)

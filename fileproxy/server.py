@@ -1,0 +1,82 @@
+"""Running fileproxy: under gunicorn (serve, the deployment) or as one process (dev)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from aiohttp import web
+from gunicorn.app.base import BaseApplication
+
+from fileproxy.app import build_runner, configure_logging, gunicorn_app
+from fileproxy.config import Config, activate
+from fileproxy.loops import loop_factory
+from fileproxy.sockets import SocketOptions
+
+GUNICORN_CONF = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
+
+
+class GunicornServer(BaseApplication):  # type: ignore[misc]
+    """gunicorn with gunicorn.conf.py, which reads the activated Config."""
+
+    def load_config(self) -> None:
+        self.load_config_from_file(str(GUNICORN_CONF))
+
+    def load(self) -> object:
+        return gunicorn_app
+
+
+def run_gunicorn(config: Config) -> int:
+    if not GUNICORN_CONF.is_file():
+        print(f"fileproxy: error: {GUNICORN_CONF} is missing; run from a fileproxy checkout "
+              "or use `fileproxy dev`", file=sys.stderr)
+        return 2
+    activate(config)
+    GunicornServer().run()
+    return 0
+
+
+def listen_socket(config: Config) -> socket.socket:
+    host, _, port = config.bind.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    SocketOptions.from_config(config).apply_to_listener(sock)
+    sock.bind((host, int(port)))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def start_site(runner: web.AppRunner, config: Config) -> web.BaseSite:
+    if config.bind.startswith("unix:"):
+        site: web.BaseSite = web.UnixSite(runner, config.bind[5:])
+    else:
+        site = web.SockSite(runner, listen_socket(config))
+    await site.start()
+    return site
+
+
+async def serve_until_signalled(config: Config) -> None:
+    runner = build_runner(config)
+    await runner.setup()
+    await start_site(runner, config)
+    print(f"fileproxy dev: listening on {config.bind}, forwarding to "
+          f"{', '.join(config.upstream)}", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def run_dev(config: Config) -> int:
+    configure_logging(config)
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(serve_until_signalled(config))
+    return 0

@@ -1,0 +1,74 @@
+"""Relaying the upstream response to the client: headers as sent, body in large reads with backpressure."""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+from aiohttp import ClientResponse, hdrs, web
+
+from fileproxy.headers import response_headers, response_length
+from fileproxy.responses import NoDefaultHeaders
+
+log = logging.getLogger("fileproxy.streaming")
+
+
+class RelayedResponse(NoDefaultHeaders, web.StreamResponse):
+    """The upstream's status and end-to-end headers; no Server or Content-Type of our own."""
+
+    def __init__(self, upstream: ClientResponse) -> None:
+        super().__init__(status=upstream.status, reason=upstream.reason)
+        for name, value in response_headers(upstream):
+            self.headers.add(name, value)
+        self.keep_headers_set_so_far()
+        self.body_bytes = 0
+        self.aborted: str | None = None
+
+
+async def relay_response(request: web.Request, upstream: ClientResponse) -> RelayedResponse:
+    """Send the upstream's status and headers, then its body; abort the client on truncation."""
+    response = RelayedResponse(upstream)
+    length = response_length(upstream)
+    if length is not None:
+        response.content_length = length
+    await response.prepare(request)
+    if body_expected(request, upstream):
+        await copy_body(request, upstream, response)
+    if response.aborted is None:
+        await response.write_eof()
+    return response
+
+
+def body_expected(request: web.Request, upstream: ClientResponse) -> bool:
+    return request.method != hdrs.METH_HEAD and upstream.status not in (204, 304) \
+        and upstream.status >= 200
+
+
+async def copy_body(request: web.Request, upstream: ClientResponse,
+                    response: RelayedResponse) -> None:
+    """Write what the upstream has buffered (the session's read_bufsize ahead, no more) as it
+    comes; write() drains, so the upstream is never read faster than the client takes bytes."""
+    content = upstream.content
+    while True:
+        try:
+            chunk = await content.readany()
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
+            abort_client(request, response, f"upstream body cut short after "
+                                            f"{response.body_bytes} bytes ({error!r})")
+            return
+        if not chunk:
+            return
+        try:
+            await response.write(chunk)
+        except ConnectionError:
+            abort_client(request, response, "client went away")
+            return
+        response.body_bytes += len(chunk)
+
+
+def abort_client(request: web.Request, response: RelayedResponse, reason: str) -> None:
+    """Close the client connection so a Content-Length or chunked body cannot end cleanly."""
+    response.aborted = reason
+    log.info("%s %s: %s; closing the client connection", request.method, request.path, reason)
+    if request.transport is not None:
+        request.transport.close()

@@ -1,0 +1,256 @@
+"""Test origin: deterministic large bodies with Range, echo with body hash, slow/cut/status endpoints.
+
+Run alone with `python -m tests.origin --port 9000` (the benchmarks use it that way too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import hashlib
+import random
+import time
+from collections.abc import Iterator
+from functools import lru_cache
+
+from aiohttp import web
+
+BLOCK = 1 << 20
+WRITE_SIZE = 256 * 1024
+ORIGIN_SERVER = "test-origin/1.0"
+EVENTS = web.AppKey("events", list)
+PEERS = web.AppKey("peers", set)
+
+
+@lru_cache(maxsize=8)
+def base_block(seed: int) -> bytes:
+    return random.Random(seed).randbytes(BLOCK)
+
+
+def page(seed: int, index: int) -> bytes:
+    """Page `index` of the body: the base block rotated, so misplaced pages are detected."""
+    base = base_block(seed)
+    shift = (index * 7919) % BLOCK
+    return base[shift:] + base[:shift]
+
+
+def pattern(offset: int, length: int, seed: int = 1) -> Iterator[bytes]:
+    """The bytes [offset, offset+length) of the deterministic body, in pieces."""
+    end = offset + length
+    while offset < end:
+        index, start = divmod(offset, BLOCK)
+        piece = page(seed, index)[start:start + min(BLOCK - start, end - offset)]
+        for cut in range(0, len(piece), WRITE_SIZE):
+            yield piece[cut:cut + WRITE_SIZE]
+        offset += len(piece)
+
+
+def pattern_sha256(length: int, seed: int = 1) -> str:
+    digest = hashlib.sha256()
+    for piece in pattern(0, length, seed):
+        digest.update(piece)
+    return digest.hexdigest()
+
+
+def record(request: web.Request, event: str, **details: object) -> None:
+    request.app[EVENTS].append({"event": event, "path": request.path, "time": time.monotonic(),
+                                **details})
+
+
+def note_peer(request: web.Request) -> None:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if peer:
+        request.app[PEERS].add(tuple(peer[:2]))
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """A single 'bytes=a-b' / 'bytes=a-' / 'bytes=-n' range -> (start, end exclusive)."""
+    if not header.startswith("bytes=") or "," in header:
+        return None
+    first, _, last = header[6:].partition("-")
+    if first:
+        start = int(first)
+        end = min(int(last) + 1, size) if last else size
+    else:
+        start, end = max(size - int(last), 0), size
+    return (start, end) if start < end else (size, size)
+
+
+async def bytes_handler(request: web.Request) -> web.StreamResponse:
+    """GET/HEAD /bytes/{size}?seed=&chunked=1&norange=1: the deterministic body."""
+    note_peer(request)
+    size = int(request.match_info["size"])
+    seed = int(request.query.get("seed", "1"))
+    etag = f'"{size}-{seed}"'
+    response = web.StreamResponse(headers={"ETag": etag, "Server": ORIGIN_SERVER,
+                                           "Content-Type": "application/octet-stream"})
+    start, end = 0, size
+    ranges_ok = "norange" not in request.query
+    if ranges_ok:
+        response.headers["Accept-Ranges"] = "bytes"
+    wanted = request.headers.get("Range")
+    if ranges_ok and wanted and request.headers.get("If-Range", etag) == etag:
+        span = parse_range(wanted, size)
+        if span is None or span[0] >= size:
+            raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+        start, end = span
+        response.set_status(206)
+        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    if request.query.get("chunked") == "1":
+        response.enable_chunked_encoding()
+    else:
+        response.content_length = end - start
+    await response.prepare(request)
+    if request.method != "HEAD":
+        for piece in pattern(start, end - start, seed):
+            await response.write(piece)
+    await response.write_eof()
+    return response
+
+
+async def echo_handler(request: web.Request) -> web.Response:
+    """Any method: what arrived (raw target, headers in order, body hash and length)."""
+    note_peer(request)
+    digest, length = hashlib.sha256(), 0
+    try:
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            length += len(chunk)
+    except Exception as error:
+        record(request, "body-incomplete", received=length, error=repr(error))
+        raise
+    record(request, "body-complete", received=length, sha256=digest.hexdigest())
+    body = {
+        "method": request.method, "raw_path": request.raw_path,
+        "headers": [[name, value] for name, value in request.headers.items()],
+        "body_sha256": digest.hexdigest(), "body_length": length,
+        "chunked": "chunked" in request.headers.get("Transfer-Encoding", ""),
+    }
+    return web.json_response(body, headers={"Server": ORIGIN_SERVER})
+
+
+async def status_handler(request: web.Request) -> web.Response:
+    code = int(request.match_info["code"])
+    headers = {"Server": ORIGIN_SERVER}
+    if 300 <= code < 400:
+        headers["Location"] = request.query.get("location", "/elsewhere?a=%2F")
+    if code in (204, 304):
+        return web.Response(status=code, headers=headers)
+    return web.Response(status=code, text=f"origin says {code}\n", headers=headers)
+
+
+async def slow_headers_handler(request: web.Request) -> web.Response:
+    delay = float(request.query.get("delay", "5"))
+    try:
+        await asyncio.sleep(delay)
+    except asyncio.CancelledError:
+        record(request, "cancelled")
+        raise
+    return web.Response(text="late\n")
+
+
+async def slow_body_handler(request: web.Request) -> web.StreamResponse:
+    """Streams `rate` bytes/s for `seconds`; records whether the peer went away."""
+    rate = int(request.query.get("rate", "10000"))
+    seconds = float(request.query.get("seconds", "30"))
+    response = web.StreamResponse()
+    response.content_length = int(rate * seconds)
+    await response.prepare(request)
+    tick = 0.1
+    piece = b"s" * int(rate * tick)
+    try:
+        for _ in range(int(seconds / tick)):
+            await response.write(piece)
+            await asyncio.sleep(tick)
+    except (asyncio.CancelledError, ConnectionError):
+        record(request, "peer-gone")
+        raise
+    await response.write_eof()
+    return response
+
+
+async def truncate_handler(request: web.Request) -> web.StreamResponse:
+    """Announces `size` bytes (or chunked), sends `send` of them, then drops the connection."""
+    size, send = int(request.query["size"]), int(request.query["send"])
+    response = web.StreamResponse()
+    if request.query.get("chunked") == "1":
+        response.enable_chunked_encoding()
+    else:
+        response.content_length = size
+    await response.prepare(request)
+    for piece in pattern(0, send):
+        await response.write(piece)
+    await asyncio.sleep(0.05)
+    request.transport.close()
+    return response
+
+
+async def many_headers_handler(request: web.Request) -> web.Response:
+    count = int(request.query.get("count", "130"))
+    response = web.Response(text="many\n")
+    for index in range(count):
+        response.headers.add(f"X-Header-{index}", f"value-{index}-" + "v" * 40)
+    response.headers.add("Set-Cookie", "a=1")
+    response.headers.add("Set-Cookie", "b=2")
+    return response
+
+
+async def gzip_handler(request: web.Request) -> web.Response:
+    body = gzip.compress(b"compressible " * 1000)
+    headers = {"Content-Encoding": "gzip", "Content-Type": "text/plain", "ETag": '"gz1"'}
+    return web.Response(body=body, headers=headers)
+
+
+async def early_hints_handler(request: web.Request) -> web.Response:
+    await request.writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+    request.writer.output_size = 0
+    return web.Response(text="after hints\n")
+
+
+async def expect_reject_handler(request: web.Request) -> web.Response:
+    return web.Response(status=413, text="too large for me\n")
+
+
+async def reject_expect(request: web.Request) -> web.Response | None:
+    """Expect handler answering 413 before the body is sent (like a quota check)."""
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        return web.Response(status=413, text="too large for me\n")
+    return None
+
+
+async def events_handler(request: web.Request) -> web.Response:
+    return web.json_response({"events": request.app[EVENTS],
+                              "connections": len(request.app[PEERS])})
+
+
+def build_origin() -> web.Application:
+    app = web.Application(client_max_size=1 << 40)
+    app[EVENTS] = []
+    app[PEERS] = set()
+    app.router.add_route("GET", "/bytes/{size}", bytes_handler)
+    app.router.add_route("*", "/echo{tail:.*}", echo_handler)
+    app.router.add_route("*", "/status/{code}", status_handler)
+    app.router.add_get("/slow-headers", slow_headers_handler)
+    app.router.add_get("/slow-body", slow_body_handler)
+    app.router.add_get("/truncate", truncate_handler)
+    app.router.add_get("/many-headers", many_headers_handler)
+    app.router.add_get("/gzip", gzip_handler)
+    app.router.add_get("/early-hints", early_hints_handler)
+    app.router.add_route("PUT", "/expect-reject", expect_reject_handler,
+                         expect_handler=reject_expect)
+    app.router.add_get("/_origin/events", events_handler)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    args = parser.parse_args()
+    web.run_app(build_origin(), host=args.host, port=args.port, access_log=None,
+                print=lambda *_: None)
+
+
+if __name__ == "__main__":
+    main()
