@@ -58,10 +58,13 @@ def record(request: web.Request, event: str, **details: object) -> None:
                                 **details})
 
 
-def note_peer(request: web.Request) -> None:
+@web.middleware
+async def note_peer(request: web.Request, handler):
+    """Remember every client connection (address, port) that sent a request."""
     peer = request.transport.get_extra_info("peername") if request.transport else None
-    if peer:
+    if peer and request.path != "/_origin/events":
         request.app[PEERS].add(tuple(peer[:2]))
+    return await handler(request)
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -79,7 +82,6 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
 
 async def bytes_handler(request: web.Request) -> web.StreamResponse:
     """GET/HEAD /bytes/{size}?seed=&chunked=1&norange=1: the deterministic body."""
-    note_peer(request)
     size = int(request.match_info["size"])
     seed = int(request.query.get("seed", "1"))
     etag = f'"{size}-{seed}"'
@@ -111,7 +113,6 @@ async def bytes_handler(request: web.Request) -> web.StreamResponse:
 
 async def echo_handler(request: web.Request) -> web.Response:
     """Any method: what arrived (raw target, headers in order, body hash and length)."""
-    note_peer(request)
     digest, length = hashlib.sha256(), 0
     try:
         async for chunk in request.content.iter_any():
@@ -225,10 +226,10 @@ async def events_handler(request: web.Request) -> web.Response:
 
 
 def build_origin() -> web.Application:
-    app = web.Application(client_max_size=1 << 40)
+    app = web.Application(client_max_size=1 << 40, middlewares=[note_peer])
     app[EVENTS] = []
     app[PEERS] = set()
-    app.router.add_route("GET", "/bytes/{size}", bytes_handler)
+    app.router.add_get("/bytes/{size}", bytes_handler)
     app.router.add_route("*", "/echo{tail:.*}", echo_handler)
     app.router.add_route("*", "/status/{code}", status_handler)
     app.router.add_get("/slow-headers", slow_headers_handler)

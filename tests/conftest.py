@@ -1,0 +1,192 @@
+"""Fixtures: the test origin and the proxy in process, both as real subprocesses, raw sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import uvloop
+from aiohttp import web
+
+from fileproxy.app import build_runner
+from fileproxy.config import Config
+from tests.origin import EVENTS, PEERS, build_origin
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Tests run on uvloop, as fileproxy does."""
+    return {"uvloop": uvloop.new_event_loop}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Served:
+    """A server the test started: its base URL and, in process, its aiohttp runner."""
+
+    url: str
+    runner: web.AppRunner | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    @property
+    def app(self) -> web.Application:
+        assert self.runner is not None
+        return self.runner.app
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        return [e for e in self.app[EVENTS] if name is None or e["event"] == name]
+
+    def connections(self) -> int:
+        return len(self.app[PEERS])
+
+
+async def serve(runner: web.AppRunner) -> Served:
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return Served(f"http://127.0.0.1:{port}", runner)
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[Served]:
+    served = await serve(web.AppRunner(build_origin(), access_log=None))
+    yield served
+    await served.runner.cleanup()
+
+
+ProxyFactory = Callable[..., Awaitable[Served]]
+
+
+@pytest.fixture
+async def make_proxy() -> AsyncIterator[ProxyFactory]:
+    started: list[Served] = []
+
+    async def start(upstream: str, **settings: Any) -> Served:
+        config = Config(upstream=(upstream,), access_log=False, **settings)
+        served = await serve(build_runner(config))
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        await served.runner.cleanup()
+
+
+@pytest.fixture
+async def proxy(origin: Served, make_proxy: ProxyFactory) -> Served:
+    return await make_proxy(origin.url)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False, max_headers=1000,
+                                     timeout=aiohttp.ClientTimeout(total=120)) as session:
+        yield session
+
+
+async def raw_exchange(port: int, data: bytes, *, read_timeout: float = 3.0) -> bytes:
+    """Send raw bytes, read until the server closes or goes quiet for read_timeout."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    received = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), read_timeout):
+            received += chunk
+    except TimeoutError:
+        pass
+    writer.close()
+    return received
+
+
+# ---------------------------------------------------------------- real subprocesses
+
+def wait_for_http(url: str, process: subprocess.Popen[bytes], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {seconds} s")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def start_process(args: list[str], health_url: str, **popen: Any) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(args, cwd=ROOT, start_new_session=True, **popen)
+    try:
+        wait_for_http(health_url, process)
+    except Exception:
+        stop(process)
+        raise
+    return process
+
+
+@pytest.fixture(scope="session")
+def origin_process() -> Iterator[str]:
+    """The test origin as its own process (for the gunicorn proxy, which runs in another)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_process([sys.executable, "-m", "tests.origin", "--port", str(port)],
+                            f"{url}/_origin/events")
+    yield url
+    stop(process)
+
+
+@dataclass
+class GunicornProxy:
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def worker_pids(self) -> list[int]:
+        import psutil
+
+        return [child.pid for child in psutil.Process(self.process.pid).children()]
+
+
+@pytest.fixture(scope="session")
+def gunicorn_proxy(origin_process: str) -> Iterator[GunicornProxy]:
+    """fileproxy as deployed: `python -m fileproxy serve` (gunicorn, 2 uvloop workers)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "FILEPROXY_ACCESS_LOG": "false"}
+    process = start_process(
+        [sys.executable, "-m", "fileproxy", "serve", "--upstream", origin_process,
+         "--bind", f"127.0.0.1:{port}", "--workers", "2"],
+        f"{url}/_fileproxy/health", env=env)
+    yield GunicornProxy(url, process)
+    stop(process)
