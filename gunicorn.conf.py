@@ -33,6 +33,8 @@ errorlog = "-"
 loglevel = _config.log_level
 # Requests are logged by fileproxy's runner (bytes and duration per line), not by gunicorn.
 accesslog = None
+# No shared control socket: several fileproxy instances on one host would fight over its path.
+control_socket_disable = True
 # Keep the process name recognisable in ps/top.
 proc_name = "fileproxy"
 

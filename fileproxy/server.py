@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from aiohttp import web
-from gunicorn.app.base import BaseApplication
+from gunicorn.app.base import Application
 
 from fileproxy.app import build_runner, configure_logging, gunicorn_app
 from fileproxy.config import Config, activate
@@ -19,11 +19,14 @@ from fileproxy.sockets import SocketOptions
 GUNICORN_CONF = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
 
 
-class GunicornServer(BaseApplication):  # type: ignore[misc]
-    """gunicorn with gunicorn.conf.py, which reads the activated Config."""
+class GunicornServer(Application):  # type: ignore[misc]
+    """gunicorn with gunicorn.conf.py, which reads the activated Config (not gunicorn's argv)."""
 
     def load_config(self) -> None:
         self.load_config_from_file(str(GUNICORN_CONF))
+
+    def init(self, parser: object, opts: object, args: object) -> None:
+        """Unused: settings come from gunicorn.conf.py, never from gunicorn's own argv."""
 
     def load(self) -> object:
         return gunicorn_app

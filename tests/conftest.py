@@ -71,7 +71,7 @@ async def serve(runner: web.AppRunner) -> Served:
 
 @pytest.fixture
 async def origin() -> AsyncIterator[Served]:
-    served = await serve(web.AppRunner(build_origin(), access_log=None))
+    served = await serve(web.AppRunner(build_origin(), access_log=None, handler_cancellation=True))
     yield served
     await served.runner.cleanup()
 

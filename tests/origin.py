@@ -118,7 +118,7 @@ async def echo_handler(request: web.Request) -> web.Response:
         async for chunk in request.content.iter_any():
             digest.update(chunk)
             length += len(chunk)
-    except Exception as error:
+    except (Exception, asyncio.CancelledError) as error:
         record(request, "body-incomplete", received=length, error=repr(error))
         raise
     record(request, "body-complete", received=length, sha256=digest.hexdigest())
@@ -187,6 +187,19 @@ async def truncate_handler(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def stall_handler(request: web.Request) -> web.StreamResponse:
+    """Announces 2 * `send` bytes, sends `send`, goes silent for `pause` s, then sends the rest."""
+    send, pause = int(request.query["send"]), float(request.query["pause"])
+    response = web.StreamResponse()
+    response.content_length = 2 * send
+    await response.prepare(request)
+    await response.write(b"a" * send)
+    await asyncio.sleep(pause)
+    await response.write(b"b" * send)
+    await response.write_eof()
+    return response
+
+
 async def many_headers_handler(request: web.Request) -> web.Response:
     count = int(request.query.get("count", "130"))
     response = web.Response(text="many\n")
@@ -235,6 +248,7 @@ def build_origin() -> web.Application:
     app.router.add_get("/slow-headers", slow_headers_handler)
     app.router.add_get("/slow-body", slow_body_handler)
     app.router.add_get("/truncate", truncate_handler)
+    app.router.add_get("/stall", stall_handler)
     app.router.add_get("/many-headers", many_headers_handler)
     app.router.add_get("/gzip", gzip_handler)
     app.router.add_get("/early-hints", early_hints_handler)
@@ -249,7 +263,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
     args = parser.parse_args()
-    web.run_app(build_origin(), host=args.host, port=args.port, access_log=None,
+    web.run_app(build_origin(), host=args.host, port=args.port, access_log=None, handler_cancellation=True,
                 print=lambda *_: None)
 
 

@@ -16,7 +16,9 @@ class RawRequest:
     number: int  # 1 for the first request on its connection
 
 
-Responder = Callable[[RawRequest], "bytes | None"]  # None: close the connection, answer nothing
+# Called with the request head (its body is read after): bytes to answer, or None to close the
+# connection without answering (the keep-alive race).
+Responder = Callable[[RawRequest], "bytes | None"]
 
 
 class RawServer:
@@ -46,11 +48,14 @@ class RawServer:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 number += 1
-                request = RawRequest(head, await read_body(reader, head), connection, number)
+                request = RawRequest(head, b"", connection, number)
                 self.requests.append(request)
                 answer = self.respond(request)
                 if answer is None:
                     break
+                if re.search(rb"(?i)\r\nexpect:\s*100-continue", head):
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                request.body = await read_body(reader, head)
                 writer.write(answer)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):

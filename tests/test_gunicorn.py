@@ -1,0 +1,78 @@
+"""fileproxy as deployed: `python -m fileproxy serve` under gunicorn with 2 uvloop workers."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import socket
+import time
+import urllib.request
+
+import psutil
+
+from tests.conftest import GunicornProxy
+from tests.origin import pattern, pattern_sha256
+
+BIG = 256 * 1024 * 1024
+
+
+def host_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+def test_runs_two_workers_and_answers_health(gunicorn_proxy: GunicornProxy):
+    workers = gunicorn_proxy.worker_pids()
+    assert len(workers) == 2
+    with urllib.request.urlopen(f"{gunicorn_proxy.url}/_fileproxy/health") as response:
+        assert response.status == 200
+
+
+def test_256mib_download_byte_exact(gunicorn_proxy: GunicornProxy):
+    digest, length = hashlib.sha256(), 0
+    with urllib.request.urlopen(f"{gunicorn_proxy.url}/bytes/{BIG}") as response:
+        assert response.headers["Content-Length"] == str(BIG)
+        while chunk := response.read(1 << 20):
+            digest.update(chunk)
+            length += len(chunk)
+    assert (digest.hexdigest(), length) == (pattern_sha256(BIG), BIG)
+
+
+def test_256mib_upload_byte_exact(gunicorn_proxy: GunicornProxy):
+    connection = http.client.HTTPConnection(*host_port(gunicorn_proxy.url), timeout=120)
+    connection.putrequest("PUT", "/echo/upload")
+    connection.putheader("Content-Length", str(BIG))
+    connection.endheaders()
+    for piece in pattern(0, BIG, seed=3):
+        connection.send(piece)
+    response = connection.getresponse()
+    import json
+
+    echoed = json.loads(response.read())
+    connection.close()
+    assert (echoed["body_sha256"], echoed["body_length"]) == (pattern_sha256(BIG, seed=3), BIG)
+
+
+def worker_rss(pids: list[int]) -> dict[int, int]:
+    return {pid: psutil.Process(pid).memory_info().rss for pid in pids}
+
+
+def test_slow_client_costs_bounded_memory(gunicorn_proxy: GunicornProxy):
+    """A 1 GiB download read at ~1 MB/s for 8 s: no worker grows by more than 32 MiB."""
+    pids = gunicorn_proxy.worker_pids()
+    baseline = worker_rss(pids)
+    peak = dict(baseline)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.connect(host_port(gunicorn_proxy.url))
+    sock.sendall(b"GET /bytes/%d HTTP/1.1\r\nHost: t\r\n\r\n" % (1 << 30))
+    received, started = 0, time.monotonic()
+    while time.monotonic() - started < 8:
+        received += len(sock.recv(64 * 1024))
+        time.sleep(0.064)
+        for pid, rss in worker_rss(pids).items():
+            peak[pid] = max(peak[pid], rss)
+    sock.close()
+    assert received < 20 * 1024 * 1024, "the client really was slow"
+    growth = {pid: (peak[pid] - baseline[pid]) / 2**20 for pid in pids}
+    assert max(growth.values()) < 32, f"RSS growth per worker in MiB: {growth}"
