@@ -1,0 +1,268 @@
+"""What benchmarks measure: origins (nginx static or our aiohttp one) and the proxies set side by side.
+
+Every proxy runs 2 workers on the same origin: fileproxy under gunicorn, nginx tuned for streaming,
+HAProxy and Caddy when installed, and a naive aiohttp proxy as the floor.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.common import free_port, spawn, terminate, wait_http
+
+WORKERS = 2
+
+
+@dataclass
+class Running:
+    """A started server: its URL, its process (the tree is what gets measured) and a label."""
+
+    name: str
+    url: str
+    process: subprocess.Popen[bytes] | None
+    note: str = ""
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            terminate(self.process)
+
+
+@dataclass
+class Workdir:
+    path: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fileproxy-bench-")))
+    extra: list[Path] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.path.chmod(0o755)  # nginx workers run as an unprivileged user and read files here
+
+    def file(self, name: str, text: str) -> Path:
+        target = self.path / name
+        target.write_text(text)
+        return target
+
+    def remove(self) -> None:
+        for path in [self.path, *self.extra]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def tmpfs_or(fallback: Path) -> Path:
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() else fallback
+
+
+# ---------------------------------------------------------------- origins
+
+NGINX_ORIGIN = """
+worker_processes {workers};
+daemon off;
+pid {dir}/origin-nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 1000000;
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    root {files};
+    # An upload sink that reads the whole body before answering (return 200 would answer first):
+    # WebDAV PUT into tmpfs.
+    location /upload/ {{
+      root {sink};
+      client_max_body_size 0;
+      client_body_temp_path {sink}/tmp;
+      dav_methods PUT;
+      create_full_put_path on;
+    }}
+  }}
+}}
+"""
+
+
+def make_files(directory: Path, sizes: dict[str, int]) -> None:
+    """Sparse files of the given sizes (zeros: the proxies cannot tell)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, size in sizes.items():
+        with open(directory / name, "wb") as handle:
+            handle.truncate(size)
+
+
+def start_origin(work: Workdir, sizes: dict[str, int]) -> Running:
+    """nginx serving static files when installed (the fastest origin), else tests/origin.py."""
+    port = free_port()
+    if shutil.which("nginx"):
+        files = work.path / "files"
+        make_files(files, sizes)
+        sink = Path(tempfile.mkdtemp(prefix="fileproxy-sink-", dir=tmpfs_or(work.path)))
+        sink.chmod(0o777)
+        work.extra.append(sink)
+        conf = work.file("origin-nginx.conf", NGINX_ORIGIN.format(
+            workers=WORKERS, dir=work.path, port=port, files=files, sink=sink))
+        process = spawn(["nginx", "-p", str(work.path), "-c", str(conf)])
+        running = Running("origin (nginx static)", f"http://127.0.0.1:{port}", process)
+    else:
+        process = spawn([sys.executable, "-m", "tests.origin", "--port", str(port)])
+        running = Running("origin (aiohttp)", f"http://127.0.0.1:{port}", process,
+                          note="nginx not installed: the aiohttp test origin serves")
+    wait_http(running.url + "/", process)
+    return running
+
+
+def origin_path(origin: Running, name: str, size: int) -> str:
+    """The path of a file of `size` bytes on this origin."""
+    return f"/{name}" if "nginx" in origin.name else f"/bytes/{size}"
+
+
+# ---------------------------------------------------------------- proxies
+
+NGINX_PROXY = """
+worker_processes {workers};
+daemon off;
+pid {dir}/proxy-nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/proxy-body;
+  proxy_temp_path {dir}/proxy-temp;
+  keepalive_requests 1000000;
+  upstream origin {{ server {origin}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    client_max_body_size 0;
+    location / {{
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_request_buffering off;
+      proxy_buffer_size 256k;
+      proxy_buffers 8 256k;
+      proxy_busy_buffers_size 512k;
+    }}
+  }}
+}}
+"""
+
+HAPROXY = """
+global
+  nbthread {workers}
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 10s
+  timeout client 300s
+  timeout server 300s
+  http-reuse safe
+frontend in
+  bind 127.0.0.1:{port}
+  default_backend origin
+backend origin
+  server o1 {origin}
+"""
+
+CADDY = """
+{{
+  admin off
+  auto_https off
+}}
+http://127.0.0.1:{port} {{
+  reverse_proxy {origin} {{
+    flush_interval -1
+  }}
+}}
+"""
+
+
+def hostport(url: str) -> str:
+    return url.removeprefix("http://")
+
+
+def start_fileproxy(origin: Running, work: Workdir, extra: list[str]) -> Running:
+    port = free_port()
+    process = spawn([sys.executable, "-m", "fileproxy", "serve", "--upstream", origin.url,
+                     "--bind", f"127.0.0.1:{port}", "--workers", str(WORKERS), "--no-access-log",
+                     *extra], log=work.path / "fileproxy.log")
+    running = Running("fileproxy", f"http://127.0.0.1:{port}", process, note=" ".join(extra))
+    wait_http(running.url + "/_fileproxy/health", process)
+    return running
+
+
+def start_nginx(origin: Running, work: Workdir) -> Running | None:
+    if not shutil.which("nginx"):
+        return None
+    port = free_port()
+    conf = work.file("proxy-nginx.conf", NGINX_PROXY.format(
+        workers=WORKERS, dir=work.path, port=port, origin=hostport(origin.url)))
+    process = spawn(["nginx", "-p", str(work.path), "-c", str(conf)], log=work.path / "nginx.log")
+    running = Running("nginx", f"http://127.0.0.1:{port}", process,
+                      note="proxy_buffering off, proxy_request_buffering off, "
+                           "proxy_buffer_size 256k, upstream keepalive 64")
+    wait_http(running.url + "/", process)
+    return running
+
+
+def start_haproxy(origin: Running, work: Workdir) -> Running | None:
+    if not shutil.which("haproxy"):
+        return None
+    port = free_port()
+    conf = work.file("haproxy.cfg", HAPROXY.format(workers=WORKERS, port=port,
+                                                   origin=hostport(origin.url)))
+    process = spawn(["haproxy", "-db", "-f", str(conf)], log=work.path / "haproxy.log")
+    running = Running("haproxy", f"http://127.0.0.1:{port}", process, note="nbthread 2")
+    wait_http(running.url + "/", process)
+    return running
+
+
+def start_caddy(origin: Running, work: Workdir) -> Running | None:
+    if not shutil.which("caddy"):
+        return None
+    port = free_port()
+    conf = work.file("Caddyfile", CADDY.format(port=port, origin=hostport(origin.url)))
+    process = spawn(["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"],
+                    log=work.path / "caddy.log", env={"GOMAXPROCS": str(WORKERS),
+                                                      "HOME": str(work.path),
+                                                      "PATH": "/usr/bin:/bin"})
+    running = Running("caddy", f"http://127.0.0.1:{port}", process, note="GOMAXPROCS=2")
+    wait_http(running.url + "/", process)
+    return running
+
+
+def start_naive(origin: Running, work: Workdir) -> Running:
+    port = free_port()
+    empty_conf = work.file("naive_gunicorn.py", "")  # not the repo's gunicorn.conf.py
+    process = spawn([sys.executable, "-m", "gunicorn", "-c", str(empty_conf),
+                     "--workers", str(WORKERS), "--worker-class",
+                     "aiohttp.GunicornWebWorker", "--bind", f"127.0.0.1:{port}",
+                     "--no-control-socket",
+                     f"benchmarks.naive_proxy:make_app('{origin.url}')"],
+                    log=work.path / "naive.log")
+    running = Running("naive aiohttp", f"http://127.0.0.1:{port}", process,
+                      note="session per request, 16 KiB iter_chunked, asyncio loop")
+    wait_http(running.url + "/", process)
+    return running
+
+
+def start_proxies(origin: Running, work: Workdir,
+                  fileproxy_flags: list[str]) -> tuple[list[Running], list[str]]:
+    """Every proxy that can run here, and a note for each that cannot."""
+    started = [start_fileproxy(origin, work, fileproxy_flags)]
+    notes = []
+    for name, starter in (("nginx", start_nginx), ("haproxy", start_haproxy), ("caddy", start_caddy)):
+        running = starter(origin, work)
+        if running is None:
+            notes.append(f"{name}: not installed, row skipped (apt-get install {name})")
+        else:
+            started.append(running)
+    started.append(start_naive(origin, work))
+    return started, notes
