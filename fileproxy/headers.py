@@ -19,8 +19,11 @@ HOP_BY_HOP = frozenset({
 })
 # Framing is decided by the proxy on each side, never copied (aiohttp issue 13431).
 RESPONSE_FRAMING = frozenset({"content-length", "transfer-encoding"})
-FORWARDED_BY_PROXY = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via",
-                                "x-request-id"})
+# Request headers fileproxy sets itself (Host per --host-header, the forwarding ones).
+SET_BY_PROXY = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via",
+                          "x-request-id", "host"})
+REQUEST_DROP = HOP_BY_HOP | SET_BY_PROXY
+RESPONSE_DROP = HOP_BY_HOP | RESPONSE_FRAMING
 
 
 @dataclass(frozen=True)
@@ -33,20 +36,14 @@ class Outgoing:
     has_body: bool
 
 
-def connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
-    """Header names listed in Connection, which are hop-by-hop for this one hop."""
-    tokens: set[str] = set()
-    for name, value in headers:
-        if name.lower() == "connection":
-            tokens.update(token.strip().lower() for token in value.split(",") if token.strip())
-    return tokens
-
-
-def end_to_end(headers: Iterable[tuple[str, str]], extra_drop: frozenset[str]) -> list[tuple[str, str]]:
-    """Headers without hop-by-hop ones, in their original order, repeats kept."""
-    items = list(headers)
-    drop = HOP_BY_HOP | extra_drop | connection_tokens(items)
-    return [(name, value) for name, value in items if name.lower() not in drop]
+def end_to_end(headers: CIMultiDict[str], drop: frozenset[str]) -> CIMultiDict[str]:
+    """Drop `drop` and the headers named in Connection, in place; order and repeats stay."""
+    for value in headers.getall("Connection", ()):
+        for token in value.split(","):
+            headers.popall(token.strip(), None)
+    for name in drop:
+        headers.popall(name, None)
+    return headers
 
 
 # ---------------------------------------------------------------- request side
@@ -105,9 +102,7 @@ def origin_form_target(request: web.Request) -> str:
 
 def outgoing_request(request: web.Request, config: Config, target: str, request_id: str,
                      upstream_host: str) -> Outgoing:
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in end_to_end(request.headers.items(), FORWARDED_BY_PROXY | {"host"}):
-        headers.add(name, value)
+    headers = end_to_end(CIMultiDict(request.headers), REQUEST_DROP)
     client_host = request.headers.get(hdrs.HOST)
     headers[hdrs.HOST] = client_host if config.host_header == "preserve" and client_host \
         else upstream_host
@@ -148,9 +143,9 @@ def peer_address(request: web.Request) -> str | None:
 
 # ---------------------------------------------------------------- response side
 
-def response_headers(upstream: ClientResponse) -> list[tuple[str, str]]:
+def response_headers(upstream: ClientResponse) -> CIMultiDict[str]:
     """The upstream's end-to-end response headers in order, framing headers left to the proxy."""
-    return end_to_end(upstream.headers.items(), RESPONSE_FRAMING)
+    return end_to_end(CIMultiDict(upstream.headers), RESPONSE_DROP)
 
 
 def response_length(upstream: ClientResponse) -> int | None:

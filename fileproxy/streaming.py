@@ -17,10 +17,12 @@ class RelayedResponse(NoDefaultHeaders, web.StreamResponse):
     """The upstream's status and end-to-end headers; no Server or Content-Type of our own."""
 
     def __init__(self, upstream: ClientResponse) -> None:
-        super().__init__(status=upstream.status, reason=upstream.reason)
-        for name, value in response_headers(upstream):
-            self.headers.add(name, value)
+        super().__init__(status=upstream.status, reason=upstream.reason,
+                         headers=response_headers(upstream))
         self.keep_headers_set_so_far()
+        # Body bytes already here: the headers leave with the first of them in one write.
+        # Otherwise they leave at once, so a slow body never delays the client's first byte.
+        self._send_headers_immediately = upstream.content.total_bytes == 0
         self.body_bytes = 0
         self.aborted: str | None = None
 
