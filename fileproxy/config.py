@@ -187,6 +187,8 @@ class Config:
     socket_rcvbuf: int = setting(0, parse_size,
                                  "SO_RCVBUF for client and upstream sockets (0: kernel autotuning)",
                                  metavar="SIZE")
+    splice: bool = setting(True, parse_bool,
+                           "relay large Content-Length responses zero-copy with splice (Linux)")
     host_header: str = setting("preserve", choice("preserve", "upstream"),
                                "Host sent upstream: the client's (preserve) or the upstream's")
     trust_forwarded: bool = setting(

@@ -35,7 +35,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         return error.response(request_id)
     # 4. stream the response back with backpressure; a cut body aborts the client connection
     async with upstream_response:
-        return await relay_response(request, upstream_response)
+        return await relay_response(request, upstream_response, config)
 
 
 _ID_PREFIX = secrets.token_hex(4)

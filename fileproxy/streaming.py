@@ -7,8 +7,10 @@ import logging
 import aiohttp
 from aiohttp import ClientResponse, hdrs, web
 
+from fileproxy.config import Config
 from fileproxy.headers import response_headers, response_length
 from fileproxy.responses import NoDefaultHeaders
+from fileproxy.splice import ClientGone, UpstreamCut, can_splice, splice_body
 
 log = logging.getLogger("fileproxy.streaming")
 
@@ -27,7 +29,8 @@ class RelayedResponse(NoDefaultHeaders, web.StreamResponse):
         self.aborted: str | None = None
 
 
-async def relay_response(request: web.Request, upstream: ClientResponse) -> RelayedResponse:
+async def relay_response(request: web.Request, upstream: ClientResponse,
+                         config: Config) -> RelayedResponse:
     """Send the upstream's status and headers, then its body; abort the client on truncation."""
     response = RelayedResponse(upstream)
     length = response_length(upstream)
@@ -35,7 +38,10 @@ async def relay_response(request: web.Request, upstream: ClientResponse) -> Rela
         response.content_length = length
     await response.prepare(request)
     if body_expected(request, upstream):
-        await copy_body(request, upstream, response)
+        if config.splice and length is not None and can_splice(request, upstream, length):
+            await splice_relay(request, upstream, response, length, config.read_timeout)
+        else:
+            await copy_body(request, upstream, response)
     if response.aborted is None:
         await response.write_eof()
     return response
@@ -66,6 +72,20 @@ async def copy_body(request: web.Request, upstream: ClientResponse,
             abort_client(request, response, "client went away")
             return
         response.body_bytes += len(chunk)
+
+
+async def splice_relay(request: web.Request, upstream: ClientResponse, response: RelayedResponse,
+                       length: int, read_timeout: float) -> None:
+    """The zero-copy path (fileproxy/splice.py), with the same outcomes as copy_body."""
+    try:
+        await splice_body(request, upstream, response, response, length, read_timeout)
+    except (UpstreamCut, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
+        abort_client(request, response, f"upstream body cut short after "
+                                        f"{response.body_bytes} bytes ({error})")
+    except (ClientGone, ConnectionError):
+        abort_client(request, response, "client went away")
+    finally:
+        upstream.close()  # aiohttp's parser never saw the spliced bytes: never reuse this one
 
 
 def abort_client(request: web.Request, response: RelayedResponse, reason: str) -> None:

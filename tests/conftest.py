@@ -188,5 +188,9 @@ def gunicorn_proxy(origin_process: str) -> Iterator[GunicornProxy]:
         [sys.executable, "-m", "fileproxy", "serve", "--upstream", origin_process,
          "--bind", f"127.0.0.1:{port}", "--workers", "2"],
         f"{url}/_fileproxy/health", env=env)
-    yield GunicornProxy(url, process)
+    proxy = GunicornProxy(url, process)
+    deadline = time.monotonic() + 30
+    while len(proxy.worker_pids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    yield proxy
     stop(process)

@@ -22,8 +22,7 @@ def host_port(url: str) -> tuple[str, int]:
 
 
 def test_runs_two_workers_and_answers_health(gunicorn_proxy: GunicornProxy):
-    workers = gunicorn_proxy.worker_pids()
-    assert len(workers) == 2
+    assert len(gunicorn_proxy.worker_pids()) == 2
     with urllib.request.urlopen(f"{gunicorn_proxy.url}/_fileproxy/health") as response:
         assert response.status == 200
 
