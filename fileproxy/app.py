@@ -11,7 +11,7 @@ from fileproxy.admin import add_admin_routes
 from fileproxy.config import Config, active_config
 from fileproxy.keys import CONFIG, SESSION, UPSTREAMS
 from fileproxy.proxy import defer_expect, proxy_handler, route_every_target
-from fileproxy.upstream import Upstream, make_session
+from fileproxy.upstream import Upstream, close_client_if_spliced, make_session
 
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf "%{User-Agent}i"'
 
@@ -28,6 +28,7 @@ def build_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[UPSTREAMS] = tuple(Upstream(url) for url in config.upstream)
     app.cleanup_ctx.append(upstream_session)
+    app.on_response_prepare.append(close_client_if_spliced)
     add_admin_routes(app, config.admin_prefix)
     app.router.add_route("*", "/{path:.*}", proxy_handler, expect_handler=defer_expect)
     return app

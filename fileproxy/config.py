@@ -188,7 +188,7 @@ class Config:
                                  "SO_RCVBUF for client and upstream sockets (0: kernel autotuning)",
                                  metavar="SIZE")
     splice: bool = setting(True, parse_bool,
-                           "relay large Content-Length responses zero-copy with splice (Linux)")
+                           "relay large Content-Length bodies zero-copy with splice (Linux), both ways")
     host_header: str = setting("preserve", choice("preserve", "upstream"),
                                "Host sent upstream: the client's (preserve) or the upstream's")
     trust_forwarded: bool = setting(

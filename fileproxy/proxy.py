@@ -30,7 +30,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         outgoing = outgoing_request(request, config, target, request_id, upstream.authority)
         # 3. send it; the body streams from the client as it arrives
         upstream_response = await send(request.app[SESSION], upstream, outgoing,
-                                       body_payload(request, outgoing))
+                                       body_payload(request, outgoing, config.splice))
     except ProxyError as error:
         return error.response(request_id)
     # 4. stream the response back with backpressure; a cut body aborts the client connection

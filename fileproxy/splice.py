@@ -1,12 +1,13 @@
-"""Zero-copy relay of a Content-Length response body from the upstream socket to the client's (Linux splice).
+"""Zero-copy relay of large Content-Length bodies between two TCP sockets (Linux splice), both ways.
 
 The aiohttp path copies every byte three times in user space (uvloop's read, the HTTP parser, the
-stream buffer). For a large body of known length the bytes need no parsing, so once the response
-headers are in, fileproxy pauses aiohttp's reading of the upstream connection, forwards what aiohttp
-had already buffered, and moves the rest kernel-side: upstream socket -> pipe -> client socket. The
-pipe is the only buffer (1 MiB), so memory stays flat and backpressure is the kernel's. The upstream
-connection is closed afterwards (its parser never saw those bytes); the client connection stays
-usable. Anything unusual (TLS, unix sockets, small or chunked bodies) takes the ordinary path.
+stream buffer). A body of known length needs no parsing, so once the headers are through, fileproxy
+pauses aiohttp's reading of the source connection, forwards what aiohttp had already buffered, and
+moves the rest kernel-side: source socket -> pipe -> sink socket. The pipe is the only buffer
+(1 MiB), so memory stays flat and backpressure is the kernel's. The source connection's HTTP parser
+never sees those bytes, so that connection is not reused afterwards: a spliced response closes its
+upstream connection, a spliced upload closes the client's after the response. Anything unusual
+(TLS, unix sockets, small or chunked bodies) takes the ordinary path.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import socket
 from collections.abc import Iterator
 from typing import Protocol
 
-from aiohttp import ClientResponse, web
+from aiohttp import ClientResponse, StreamReader, web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_writer import StreamWriter
 
 PIPE_SIZE = 1 << 20
 MIN_SPLICE_BYTES = 1 << 20  # below this the set-up costs more than the copies it saves
@@ -28,12 +31,16 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
-class UpstreamCut(Exception):
-    """The upstream closed or failed before the announced length arrived."""
+class SourceCut(Exception):
+    """The sending side closed, failed or went silent before the announced length arrived."""
 
 
-class ClientGone(Exception):
-    """The client closed or reset its connection."""
+class SinkGone(Exception):
+    """The receiving side closed or reset its connection."""
+
+
+class Sent(Protocol):
+    body_bytes: int
 
 
 def tcp_fd(transport: asyncio.BaseTransport | None) -> int | None:
@@ -46,19 +53,17 @@ def tcp_fd(transport: asyncio.BaseTransport | None) -> int | None:
     return sock.fileno()
 
 
-def can_splice(request: web.Request, upstream: ClientResponse, length: int) -> bool:
-    return (hasattr(os, "splice") and length >= MIN_SPLICE_BYTES
-            and upstream.connection is not None
-            and tcp_fd(upstream.connection.transport) is not None
-            and tcp_fd(request.transport) is not None)
+def can_splice(length: int | None, *transports: asyncio.BaseTransport | None) -> bool:
+    return (hasattr(os, "splice") and length is not None and length >= MIN_SPLICE_BYTES
+            and all(tcp_fd(transport) is not None for transport in transports))
 
 
 @contextlib.contextmanager
-def spliced_fds(upstream_fd: int, client_fd: int) -> Iterator[tuple[int, int, int, int]]:
+def spliced_fds(source_fd: int, sink_fd: int) -> Iterator[tuple[int, int, int, int]]:
     """Private duplicates of both sockets (the event loop may watch these) and a pipe."""
     opened: list[int] = []
     try:
-        opened += [os.dup(upstream_fd), os.dup(client_fd)]
+        opened += [os.dup(source_fd), os.dup(sink_fd)]
         opened += os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         with contextlib.suppress(OSError):
             fcntl.fcntl(opened[3], F_SETPIPE_SZ, PIPE_SIZE)
@@ -91,50 +96,86 @@ async def wait_ready(read_fd: int | None, write_fd: int | None, timeout: float |
             loop.remove_writer(write_fd)
 
 
-async def take_over(request: web.Request, upstream: ClientResponse,
-                    response: web.StreamResponse) -> int:
-    """Stop aiohttp reading the upstream, send the client what it had buffered, and leave the
-    client transport with nothing pending. Returns the body bytes sent so far."""
-    protocol = upstream.connection.protocol  # type: ignore[union-attr]
-    content = upstream.content
-    protocol.pause_reading()  # also stops the sock_read timer; this path keeps its own
-    pending: list[bytes] = []
-    while content.total_bytes > sum(map(len, pending)) and not content.at_eof():
-        pending.append(content.read_nowait())
-        protocol.pause_reading()  # read_nowait may have resumed it; nothing ran in between
-    for chunk in pending:
-        await response.write(chunk)
-    transport = request.transport
+def take_buffered(protocol: BaseProtocol, content: StreamReader) -> list[bytes]:
+    """Pause aiohttp's reading of a connection and take every body byte it already holds.
+
+    read_nowait() resumes the protocol whenever the buffer runs low, which also feeds the parser
+    whatever it had put aside; nothing can arrive from the socket until the loop runs again, so
+    pausing again at once leaves the socket as the only place the rest of the body can be."""
+    protocol.pause_reading()  # for a ResponseHandler this also stops its sock_read timer
+    taken: list[bytes] = []
+    while content.total_bytes > sum(map(len, taken)) and not content.at_eof():
+        taken.append(content.read_nowait())
+        protocol.pause_reading()
+    return taken
+
+
+async def write_all(writer: StreamWriter, chunks: list[bytes]) -> int:
+    """Write chunks through aiohttp's writer, then flush: headers aiohttp keeps back to send with
+    the first body chunk go now, and the transport buffer empties, so spliced bytes cannot
+    overtake anything."""
+    for chunk in chunks:
+        await writer.write(chunk)
+    writer.send_headers()
+    transport = writer.transport
     assert transport is not None
     transport.set_write_buffer_limits(high=0)
     try:
-        await request.writer.drain()
+        await writer.drain()
     finally:
         transport.set_write_buffer_limits()
     while transport.get_write_buffer_size():  # pragma: no cover - drain above empties it
         await asyncio.sleep(0.001)
-    return sum(map(len, pending))
+    return sum(map(len, chunks))
 
 
-class Sent(Protocol):
-    body_bytes: int
+async def splice_response_body(request: web.Request, upstream: ClientResponse, sent: Sent,
+                               length: int, read_timeout: float) -> None:
+    """Upstream -> client, counting in sent.body_bytes what reached the client's socket.
+    Raises SourceCut or SinkGone; the caller closes the upstream connection in every case."""
+    assert upstream.connection is not None and request.transport is not None
+    buffered = take_buffered(upstream.connection.protocol, upstream.content)
+    assert isinstance(request.writer, StreamWriter)
+    sent.body_bytes += await write_all(request.writer, buffered)
+    await splice_rest(upstream.connection.transport, request.transport, length - sent.body_bytes,
+                      read_timeout, sent)
 
 
-async def splice_body(request: web.Request, upstream: ClientResponse, response: web.StreamResponse,
-                      sent: Sent, length: int, read_timeout: float) -> None:
-    """Relay the body, counting in sent.body_bytes what reached the client's socket.
-    Raises UpstreamCut or ClientGone; the caller closes the upstream connection in every case."""
-    sent.body_bytes += await take_over(request, upstream, response)
-    upstream_fd = tcp_fd(upstream.connection.transport)  # type: ignore[union-attr]
-    client_fd = tcp_fd(request.transport)
-    if upstream_fd is None or client_fd is None:
-        raise ClientGone("connection closed while taking over")
-    with spliced_fds(upstream_fd, client_fd) as (source, sink, pipe_r, pipe_w):
-        await pump(source, sink, pipe_r, pipe_w, length - sent.body_bytes, read_timeout, sent)
+async def splice_request_body(request: web.Request, writer: StreamWriter, length: int,
+                              sent: Sent) -> None:
+    """Client -> upstream. The client connection cannot carry another request afterwards."""
+    assert writer.transport is not None and request.transport is not None
+    buffered = take_buffered(request.protocol, request.content)
+    sent.body_bytes += await write_all(writer, buffered)
+    try:
+        await splice_rest(request.transport, writer.transport, length - sent.body_bytes, None, sent)
+    except SourceCut:
+        request.transport.close()  # the client broke off: this cancels the whole exchange
+        raise
+    finally:
+        end_body_quietly(request)
+
+
+def end_body_quietly(request: web.Request) -> None:
+    """Mark the request body read, so aiohttp does not linger draining bytes that went by (or
+    never will), and keep the connection paused: its parser must not see another byte."""
+    request.content.feed_eof()  # this resumes reading...
+    transport = request.transport
+    if transport is not None and not transport.is_closing():
+        request.protocol.pause_reading()  # ...so pause again before the loop can read anything
+
+
+async def splice_rest(source: asyncio.BaseTransport | None, sink: asyncio.BaseTransport | None,
+                      remaining: int, read_timeout: float | None, sent: Sent) -> None:
+    source_fd, sink_fd = tcp_fd(source), tcp_fd(sink)
+    if source_fd is None or sink_fd is None:
+        raise SinkGone("connection closed while taking over")
+    with spliced_fds(source_fd, sink_fd) as (source_dup, sink_dup, pipe_r, pipe_w):
+        await pump(source_dup, sink_dup, pipe_r, pipe_w, remaining, read_timeout, sent)
 
 
 async def pump(source: int, sink: int, pipe_r: int, pipe_w: int, remaining: int,
-               read_timeout: float, sent: Sent) -> None:
+               read_timeout: float | None, sent: Sent) -> None:
     in_pipe = since_yield = 0
     while remaining or in_pipe:
         took = put = 0
@@ -159,7 +200,7 @@ async def pump(source: int, sink: int, pipe_r: int, pipe_w: int, remaining: int,
                              sink if in_pipe else None,
                              read_timeout if waiting_on_upstream else None)
         except TimeoutError:
-            raise UpstreamCut(f"upstream silent for {read_timeout:g} s") from None
+            raise SourceCut(f"silent for {read_timeout:g} s") from None
 
 
 def splice_in(source: int, pipe_w: int, count: int) -> int:
@@ -168,9 +209,9 @@ def splice_in(source: int, pipe_w: int, count: int) -> int:
     except BlockingIOError:
         return 0
     except OSError as error:
-        raise UpstreamCut(f"upstream read failed: {error.strerror}") from None
+        raise SourceCut(f"read failed: {error.strerror}") from None
     if moved == 0:
-        raise UpstreamCut("upstream closed the connection")
+        raise SourceCut("connection closed")
     return moved
 
 
@@ -180,4 +221,4 @@ def splice_out(pipe_r: int, sink: int, count: int) -> int:
     except BlockingIOError:
         return 0
     except OSError as error:
-        raise ClientGone(f"client write failed: {error.strerror}") from None
+        raise SinkGone(f"write failed: {error.strerror}") from None

@@ -10,7 +10,7 @@ from aiohttp import ClientResponse, hdrs, web
 from fileproxy.config import Config
 from fileproxy.headers import response_headers, response_length
 from fileproxy.responses import NoDefaultHeaders
-from fileproxy.splice import ClientGone, UpstreamCut, can_splice, splice_body
+from fileproxy.splice import SinkGone, SourceCut, can_splice, splice_response_body
 
 log = logging.getLogger("fileproxy.streaming")
 
@@ -38,7 +38,9 @@ async def relay_response(request: web.Request, upstream: ClientResponse,
         response.content_length = length
     await response.prepare(request)
     if body_expected(request, upstream):
-        if config.splice and length is not None and can_splice(request, upstream, length):
+        if config.splice and upstream.connection is not None and \
+                can_splice(length, upstream.connection.transport, request.transport):
+            assert length is not None
             await splice_relay(request, upstream, response, length, config.read_timeout)
         else:
             await copy_body(request, upstream, response)
@@ -78,11 +80,11 @@ async def splice_relay(request: web.Request, upstream: ClientResponse, response:
                        length: int, read_timeout: float) -> None:
     """The zero-copy path (fileproxy/splice.py), with the same outcomes as copy_body."""
     try:
-        await splice_body(request, upstream, response, response, length, read_timeout)
-    except (UpstreamCut, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
+        await splice_response_body(request, upstream, response, length, read_timeout)
+    except (SourceCut, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
         abort_client(request, response, f"upstream body cut short after "
                                         f"{response.body_bytes} bytes ({error})")
-    except (ClientGone, ConnectionError):
+    except (SinkGone, ConnectionError):
         abort_client(request, response, "client went away")
     finally:
         upstream.close()  # aiohttp's parser never saw the spliced bytes: never reuse this one

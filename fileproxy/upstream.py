@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import ClientResponse, ClientSession, web
-from aiohttp.payload import AsyncIterablePayload
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_writer import StreamWriter
+from aiohttp.payload import Payload
 from yarl import URL
 
 from fileproxy.config import Config
 from fileproxy.errors import ProxyError
 from fileproxy.headers import Outgoing
 from fileproxy.sockets import SocketOptions
+from fileproxy.splice import can_splice, splice_request_body
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Upstream responses may be header-heavy (the core issue asks for ~130 fields and long cookies).
@@ -66,24 +68,63 @@ def make_session(config: Config) -> ClientSession:
     )
 
 
-async def client_body(request: web.Request) -> AsyncIterator[bytes]:
-    """The client's body as it arrives; sends the client its 100 Continue when the upstream did."""
-    if request.version >= (1, 1) and \
-            request.headers.get("Expect", "").lower() == "100-continue":
+# Set on a request whose body was spliced: aiohttp's parser for that connection is out of step,
+# so the response closes it.
+CLOSE_CLIENT = web.RequestKey("close_client", bool)
+
+
+class ClientBody(Payload):
+    """The client's request body for aiohttp's client: streamed as it arrives, or spliced when large
+    (fileproxy/splice.py). Sends the client its 100 Continue when the upstream asked for the body."""
+
+    def __init__(self, request: web.Request, splice: bool) -> None:
+        super().__init__(request.content, content_type=None)
+        self._request = request
+        self._splice = splice
+        self.body_bytes = 0
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a streamed request body is not kept, so it cannot be decoded")
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: AbstractStreamWriter,
+                                content_length: int | None) -> None:
+        self._consumed = True  # the client's bytes can be sent once only: no replay on retry
+        request = self._request
+        await send_100_continue(request)
+        length = request.content_length
+        if self._splice and isinstance(writer, StreamWriter) and length is not None \
+                and can_splice(length, request.transport, writer.transport):
+            request[CLOSE_CLIENT] = True
+            await splice_request_body(request, writer, length, self)
+            return
+        async for chunk in request.content.iter_any():
+            await writer.write(chunk)
+            self.body_bytes += len(chunk)
+
+
+async def send_100_continue(request: web.Request) -> None:
+    if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0
-    async for chunk in request.content.iter_any():
-        yield chunk
 
 
-def body_payload(request: web.Request, outgoing: Outgoing) -> AsyncIterablePayload | None:
-    if not outgoing.has_body:
-        return None
-    return AsyncIterablePayload(client_body(request), content_type=None)
+async def close_client_if_spliced(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: a spliced upload's connection carries no further request. (The hook
+    runs after aiohttp chose the Connection header, so it is set here as well.)"""
+    if request.get(CLOSE_CLIENT):
+        response.force_close()
+        response.headers["Connection"] = "close"
+
+
+def body_payload(request: web.Request, outgoing: Outgoing, splice: bool) -> ClientBody | None:
+    return ClientBody(request, splice) if outgoing.has_body else None
 
 
 async def send(session: ClientSession, upstream: Upstream, outgoing: Outgoing,
-               body: AsyncIterablePayload | None) -> ClientResponse:
+               body: ClientBody | None) -> ClientResponse:
     """Send the request and return the response once its headers arrived; errors -> 502/504.
 
     A pooled connection the upstream closed just as it was reused (the keep-alive race) is

@@ -6,7 +6,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import raw_exchange
-from tests.origin import pattern_sha256
+from tests.origin import pattern, pattern_sha256
 from tests.test_streaming import sha256_of
 
 MIB = 1024 * 1024
@@ -82,3 +82,49 @@ async def test_slow_upload_longer_than_read_timeout_is_fine(origin, make_proxy, 
                           headers={"Content-Length": "2000000"}) as response:
         assert response.status == 200
         assert (await response.json())["body_length"] == 2_000_000
+
+
+@pytest.mark.parametrize("splice", [True, False])
+async def test_upload_whose_body_comes_late_is_byte_exact(origin, make_proxy, splice):
+    """Nothing of the body is buffered when the proxy takes it over: the request headers must
+    still reach the upstream before the body does."""
+    import asyncio
+
+    proxy = await make_proxy(origin.url, splice=splice)
+    size = 8 * MIB + 3
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(f"PUT /echo/late HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\r\n".encode())
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    for piece in pattern(0, size, seed=9):
+        writer.write(piece)
+        await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    body = await reader.readexactly(length)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert pattern_sha256(size, seed=9).encode() in body
+    # A spliced upload's connection is closed after the response (and says so); else it is kept.
+    assert (b"Connection: close" in head) == splice
+    if splice:
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+    writer.close()
+
+
+async def test_upstream_gone_mid_spliced_upload_ends_the_exchange(make_proxy, client):
+    from tests.rawserver import RawServer
+
+    async with RawServer(lambda _request: None) as origin:
+        proxy = await make_proxy(origin.url)
+
+        async def body():
+            for piece in pattern(0, 8 * MIB):
+                yield piece
+
+        try:
+            async with client.put(f"{proxy.url}/x", data=body(),
+                                  headers={"Content-Length": str(8 * MIB)}) as response:
+                assert response.status == 502
+        except aiohttp.ClientError:
+            pass  # the proxy may close while the client is still sending: also an honest end
+    assert sum(r.head.startswith(b"PUT") for r in origin.requests) == 1
