@@ -107,7 +107,8 @@ def small_requests(target: Running, origin: Running, plan: Plan) -> Figures:
     return {"rps": rps, "p99_ms": float(p99.group(1)) * scale, "errors": error_count}
 
 
-def run_all(plan: Plan, work: Workdir, fileproxy_flags: list[str]) -> tuple[dict, list[str]]:
+def run_all(plan: Plan, work: Workdir, fileproxy_flags: list[str],
+            only: set[str]) -> tuple[dict, list[str]]:
     origin = start_origin(work, plan.sizes)
     (work.path / "files").mkdir(exist_ok=True)
     if not (work.path / "files" / "big.bin").exists():
@@ -126,6 +127,7 @@ def run_all(plan: Plan, work: Workdir, fileproxy_flags: list[str]) -> tuple[dict
         workloads["small"] = lambda t: measured(t, lambda: small_requests(t, origin, plan))
     else:
         notes.append("wrk not installed: small-request row skipped (apt-get install wrk)")
+    workloads = {name: run for name, run in workloads.items() if name in only}
     results: dict[str, dict[str, list[Figures]]] = defaultdict(lambda: defaultdict(list))
     steps, step = len(workloads) * plan.repeat * len(targets), 0
     for name, workload in workloads.items():
@@ -154,9 +156,10 @@ def summary(results: dict, plan: Plan) -> tuple[list[list[str]], dict]:
         return "-" if mid != mid else f"{mid:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
 
     rows, medians = [], {}
-    for target in results["download"]:
+    for target in next(iter(results.values())):
         cpu_per_gib = stat("download", target, "cpu_s")[0] / (plan.big / GIB)
-        peak = max(stat(w, target, "peak_rss_mib")[2] for w in ("download", "parallel"))
+        peaks = [stat(w, target, "peak_rss_mib")[2] for w in ("download", "parallel")]
+        peak = max((p for p in peaks if p == p), default=float("nan"))
         medians[target] = {
             "download_MBps": stat("download", target, "MBps")[0],
             "upload_MBps": stat("upload", target, "MBps")[0],
@@ -193,6 +196,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs per figure")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes, one run: checks the harness in a minute")
+    parser.add_argument("--only", default="download,upload,parallel,small",
+                        help="comma-separated workloads to run (default: all four)")
     parser.add_argument("--fileproxy-flag", action="append", default=[],
                         help="extra flag for fileproxy (repeatable), e.g. --fileproxy-flag=--read-size=1M")
     args = parser.parse_args()
@@ -205,7 +210,7 @@ def main() -> None:
                     small_connections=64, repeat=1)
     work = Workdir()
     try:
-        results, notes = run_all(plan, work, args.fileproxy_flag)
+        results, notes = run_all(plan, work, args.fileproxy_flag, set(args.only.split(",")))
     finally:
         work.remove()
     rows, medians = summary(results, plan)
@@ -215,7 +220,9 @@ def main() -> None:
                 f"{table}\n\nRatios (medians):\n{ratio_lines}\n\nNotes:\n"
                 + "\n".join(f"- {n}" for n in notes))
     print(markdown)
-    paths = save_results("loopback", {"plan": plan.__dict__, "results": results, "medians": medians,
+    everything = set(args.only.split(",")) >= {"download", "upload", "parallel", "small"}
+    name = "loopback" if everything else "loopback-" + "-".join(sorted(args.only.split(",")))
+    paths = save_results(name, {"plan": plan.__dict__, "results": results, "medians": medians,
                                       "ratios": ratios(medians), "notes": notes}, markdown)
     progress(f"saved {paths[0]} and {paths[1]}")
 

@@ -7,13 +7,12 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from fileproxy.accesslog import AccessLogger
 from fileproxy.admin import add_admin_routes
 from fileproxy.config import Config, active_config
 from fileproxy.keys import CONFIG, SESSION, UPSTREAMS
 from fileproxy.proxy import defer_expect, proxy_handler, route_every_target
 from fileproxy.upstream import Upstream, close_client_if_spliced, make_session
-
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf "%{User-Agent}i"'
 
 
 async def upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -48,7 +47,8 @@ def build_runner(config: Config) -> web.AppRunner:
         max_field_size=max(8190, 2 * config.max_header_size),
         max_headers=2 * config.max_headers,
         access_log=logging.getLogger("fileproxy.access") if config.access_log else None,
-        access_log_format=ACCESS_LOG_FORMAT,
+        access_log_class=AccessLogger,
+        access_log_format=config.access_log_format,
     )
 
 

@@ -206,6 +206,8 @@ class Config:
         600.0, positive(parse_seconds),
         "seconds a stopping worker lets running transfers finish", metavar="SECONDS")
     access_log: bool = setting(True, parse_bool, "write one access-log line per request")
+    access_log_format: str = setting("plain", choice("plain", "json"),
+                                     "access-log lines as key=value text or one JSON object")
     log_level: str = setting("info", choice("debug", "info", "warning", "error"),
                              "log level")
 

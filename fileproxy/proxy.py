@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 import secrets
@@ -9,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from fileproxy.accesslog import EXCHANGE, Exchange
 from fileproxy.errors import ProxyError
 from fileproxy.headers import check_request, outgoing_request
 from fileproxy.keys import CONFIG, SESSION, UPSTREAMS
@@ -21,21 +23,33 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
-    request_id = request_id_for(request)
+    loop = asyncio.get_running_loop()
+    exchange = request[EXCHANGE] = Exchange(request_id_for(request), loop.time())
+    body = None
     try:
         # 1. validate and build the upstream request (4xx here never reaches an upstream)
         target = check_request(request, config)
         # 2. choose an upstream
         upstream = request.app[UPSTREAMS][0]
-        outgoing = outgoing_request(request, config, target, request_id, upstream.authority)
-        # 3. send it; the body streams from the client as it arrives
-        upstream_response = await send(request.app[SESSION], upstream, outgoing,
-                                       body_payload(request, outgoing, config.splice))
+        exchange.upstream = upstream.authority
+        outgoing = outgoing_request(request, config, target, exchange.request_id,
+                                    upstream.authority)
+        # 3. send it; the body streams (or is spliced) from the client as it arrives
+        body = body_payload(request, outgoing, config.splice)
+        upstream_response = await send(request.app[SESSION], upstream, outgoing, body)
     except ProxyError as error:
-        return error.response(request_id)
+        exchange.outcome = "refused" if error.status < 500 else "upstream_error"
+        exchange.detail = error.message
+        return error.response(exchange.request_id)
+    finally:
+        exchange.bytes_in = body.body_bytes if body is not None else 0
+    exchange.ttfb = loop.time() - exchange.started
     # 4. stream the response back with backpressure; a cut body aborts the client connection
     async with upstream_response:
-        return await relay_response(request, upstream_response, config)
+        response = await relay_response(request, upstream_response, config)
+    if response.aborted:
+        exchange.outcome, exchange.detail = "aborted", response.aborted
+    return response
 
 
 _ID_PREFIX = secrets.token_hex(4)

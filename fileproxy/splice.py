@@ -4,7 +4,7 @@ The aiohttp path copies every byte three times in user space (uvloop's read, the
 stream buffer). A body of known length needs no parsing, so once the headers are through, fileproxy
 pauses aiohttp's reading of the source connection, forwards what aiohttp had already buffered, and
 moves the rest kernel-side: source socket -> pipe -> sink socket. The pipe is the only buffer
-(1 MiB), so memory stays flat and backpressure is the kernel's. The source connection's HTTP parser
+(256 KiB), so memory stays flat and backpressure is the kernel's. The source connection's HTTP parser
 never sees those bytes, so that connection is not reused afterwards: a spliced response closes its
 upstream connection, a spliced upload closes the client's after the response. Anything unusual
 (TLS, unix sockets, small or chunked bodies) takes the ordinary path.
@@ -18,15 +18,16 @@ import fcntl
 import os
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from aiohttp import ClientResponse, StreamReader, web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_writer import StreamWriter
 
-PIPE_SIZE = 1 << 20
+PIPE_SIZE = 256 << 10
 MIN_SPLICE_BYTES = 1 << 20  # below this the set-up costs more than the copies it saves
-YIELD_EVERY = 8 << 20  # give other transfers a turn after this many bytes moved without waiting
+YIELD_EVERY = 1 << 20  # give other transfers a turn after this many bytes moved without waiting
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
@@ -73,27 +74,43 @@ def spliced_fds(source_fd: int, sink_fd: int) -> Iterator[tuple[int, int, int, i
             os.close(fd)
 
 
-async def wait_ready(read_fd: int | None, write_fd: int | None, timeout: float | None) -> None:
-    """Until read_fd is readable or write_fd writable (whichever given) or the timeout passes."""
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
+class Readiness:
+    """Waits for a source to be readable or a sink writable. Registrations with the event loop
+    change only when what is wanted changes, not at every wait: an idle source waited on a
+    thousand times costs no epoll_ctl calls after the first."""
 
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
+    def __init__(self, source: int, sink: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._source, self._sink = source, sink
+        self._reading = self._writing = False
+        self._ready: asyncio.Future[None] | None = None
 
-    if read_fd is not None:
-        loop.add_reader(read_fd, wake)
-    if write_fd is not None:
-        loop.add_writer(write_fd, wake)
-    try:
+    def _wake(self) -> None:
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
+
+    def _want(self, read: bool, write: bool) -> None:
+        if read != self._reading:
+            if read:
+                self._loop.add_reader(self._source, self._wake)
+            else:
+                self._loop.remove_reader(self._source)
+            self._reading = read
+        if write != self._writing:
+            if write:
+                self._loop.add_writer(self._sink, self._wake)
+            else:
+                self._loop.remove_writer(self._sink)
+            self._writing = write
+
+    async def wait(self, read: bool, write: bool, timeout: float | None) -> None:
+        self._want(read, write)
+        self._ready = self._loop.create_future()
         async with asyncio.timeout(timeout):
-            await ready
-    finally:
-        if read_fd is not None:
-            loop.remove_reader(read_fd)
-        if write_fd is not None:
-            loop.remove_writer(write_fd)
+            await self._ready
+
+    def close(self) -> None:
+        self._want(False, False)
 
 
 def take_buffered(protocol: BaseProtocol, content: StreamReader) -> list[bytes]:
@@ -171,36 +188,52 @@ async def splice_rest(source: asyncio.BaseTransport | None, sink: asyncio.BaseTr
     if source_fd is None or sink_fd is None:
         raise SinkGone("connection closed while taking over")
     with spliced_fds(source_fd, sink_fd) as (source_dup, sink_dup, pipe_r, pipe_w):
-        await pump(source_dup, sink_dup, pipe_r, pipe_w, remaining, read_timeout, sent)
+        pump = Pump(source_dup, sink_dup, pipe_r, pipe_w, read_timeout, sent)
+        await pump.run(remaining)
 
 
-async def pump(source: int, sink: int, pipe_r: int, pipe_w: int, remaining: int,
-               read_timeout: float | None, sent: Sent) -> None:
-    in_pipe = since_yield = 0
-    while remaining or in_pipe:
-        took = put = 0
-        if remaining and in_pipe < PIPE_SIZE:
-            took = splice_in(source, pipe_w, min(remaining, PIPE_SIZE - in_pipe))
-            remaining -= took
-            in_pipe += took
-        if in_pipe:
-            put = splice_out(pipe_r, sink, in_pipe)
-            in_pipe -= put
-            sent.body_bytes += put
-            since_yield += put
-        if took or put:
-            if since_yield >= YIELD_EVERY:
-                since_yield = 0
-                await asyncio.sleep(0)
-            continue
-        since_yield = 0
-        waiting_on_upstream = in_pipe == 0
+@dataclass
+class Pump:
+    """Moves `remaining` bytes source -> pipe -> sink, waiting only when neither side can move."""
+
+    source: int
+    sink: int
+    pipe_r: int
+    pipe_w: int
+    read_timeout: float | None  # only while waiting on the source with the pipe empty
+    sent: Sent
+
+    async def run(self, remaining: int) -> None:
+        readiness = Readiness(self.source, self.sink)
+        in_pipe = since_yield = 0
         try:
-            await wait_ready(source if remaining and in_pipe < PIPE_SIZE else None,
-                             sink if in_pipe else None,
-                             read_timeout if waiting_on_upstream else None)
+            while remaining or in_pipe:
+                took = put = 0
+                if remaining and in_pipe < PIPE_SIZE:
+                    took = splice_in(self.source, self.pipe_w, min(remaining, PIPE_SIZE - in_pipe))
+                    remaining -= took
+                    in_pipe += took
+                if in_pipe:
+                    put = splice_out(self.pipe_r, self.sink, in_pipe)
+                    in_pipe -= put
+                    self.sent.body_bytes += put
+                    since_yield += put
+                if took or put:
+                    if since_yield >= YIELD_EVERY:  # let other transfers have a turn
+                        since_yield = 0
+                        await asyncio.sleep(0)
+                    continue
+                since_yield = 0
+                await self.wait(readiness, read=bool(remaining) and in_pipe < PIPE_SIZE,
+                                write=in_pipe > 0)
+        finally:
+            readiness.close()
+
+    async def wait(self, readiness: Readiness, read: bool, write: bool) -> None:
+        try:
+            await readiness.wait(read, write, self.read_timeout if not write else None)
         except TimeoutError:
-            raise SourceCut(f"silent for {read_timeout:g} s") from None
+            raise SourceCut(f"silent for {self.read_timeout:g} s") from None
 
 
 def splice_in(source: int, pipe_w: int, count: int) -> int:

@@ -84,7 +84,7 @@ async def make_proxy() -> AsyncIterator[ProxyFactory]:
     started: list[Served] = []
 
     async def start(upstream: str, **settings: Any) -> Served:
-        config = Config(upstream=(upstream,), access_log=False, **settings)
+        config = Config(upstream=(upstream,), **{"access_log": False, **settings})
         served = await serve(build_runner(config))
         started.append(served)
         return served

@@ -1,0 +1,80 @@
+"""Per-request record (the Exchange) and the access-log line written from it, plain or JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+
+@dataclass
+class Exchange:
+    """What happened to one proxied request; filled in along the request path."""
+
+    request_id: str
+    started: float  # loop time
+    upstream: str = "-"
+    bytes_in: int = 0  # request body bytes sent upstream
+    ttfb: float | None = None  # seconds until the response headers went to the client
+    outcome: str = "ok"  # ok, refused, upstream_error, aborted
+    detail: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+EXCHANGE = web.RequestKey("exchange", Exchange)
+
+
+def response_bytes(response: web.StreamResponse) -> int:
+    """Body bytes the client was sent: counted by fileproxy when it relayed (splice included),
+    else what aiohttp wrote."""
+    counted = getattr(response, "body_bytes", None)
+    return counted if counted is not None else response.body_length
+
+
+def log_fields(request: web.BaseRequest, response: web.StreamResponse,
+               duration: float) -> dict[str, Any]:
+    exchange = request.get(EXCHANGE) if isinstance(request, web.Request) else None
+    fields: dict[str, Any] = {
+        "remote": request.remote or "-", "method": request.method, "target": request.raw_path,
+        "version": f"{request.version.major}.{request.version.minor}",
+        "status": response.status, "bytes_out": response_bytes(response),
+        "duration": round(duration, 6),
+    }
+    if exchange is not None:
+        fields.update(bytes_in=exchange.bytes_in, upstream=exchange.upstream,
+                      ttfb=None if exchange.ttfb is None else round(exchange.ttfb, 6),
+                      request_id=exchange.request_id, outcome=exchange.outcome, **exchange.extra)
+        if exchange.detail:
+            fields["detail"] = exchange.detail
+    return fields
+
+
+def plain_line(fields: dict[str, Any]) -> str:
+    head = (f'{fields["remote"]} "{fields["method"]} {fields["target"]} HTTP/{fields["version"]}" '
+            f'{fields["status"]} out={fields["bytes_out"]} {fields["duration"]:.3f}s')
+    rest = " ".join(f"{key}={value}" for key, value in fields.items()
+                    if key not in {"remote", "method", "target", "version", "status", "bytes_out",
+                                   "duration"} and value is not None)
+    return f"{head} {rest}".rstrip()
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: plain `key=value` text, or one JSON object (--access-log-format)."""
+
+    json_format = False
+
+    def __init__(self, logger: logging.Logger, log_format: str) -> None:
+        super().__init__(logger, log_format)
+        self.json_format = log_format == "json"
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        fields = log_fields(request, response, time)
+        self.logger.info(json.dumps(fields) if self.json_format else plain_line(fields))
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
