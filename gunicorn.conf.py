@@ -2,6 +2,7 @@
 
 import os
 
+from fileproxy import metrics
 from fileproxy.config import active_config
 from fileproxy.sockets import SocketOptions
 
@@ -37,6 +38,20 @@ accesslog = None
 control_socket_disable = True
 # Keep the process name recognisable in ps/top.
 proc_name = "fileproxy"
+
+
+def on_starting(server):
+    """A fresh directory where every worker's metrics meet (prometheus-client multiprocess)."""
+    metrics.prepare_multiprocess_dir()
+
+
+def child_exit(server, worker):
+    """A worker that exited no longer counts in live gauges (active requests, queue, ...)."""
+    metrics.worker_exited(worker.pid)
+
+
+def on_exit(server):
+    metrics.remove_multiprocess_dir()
 
 
 def when_ready(server):

@@ -10,19 +10,43 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from fileproxy.errors import ProxyError
+
 
 @dataclass
 class Exchange:
     """What happened to one proxied request; filled in along the request path."""
 
     request_id: str
-    started: float  # loop time
+    started: float  # time.monotonic() (the loop's clock too)
     upstream: str = "-"
     bytes_in: int = 0  # request body bytes sent upstream
+    bytes_out: int = 0  # response body bytes sent to the client
     ttfb: float | None = None  # seconds until the response headers went to the client
-    outcome: str = "ok"  # ok, refused, upstream_error, aborted
+    retries: int = 0
+    status: int = 0
+    outcome: str = "ok"  # ok, refused, rejected, upstream_error, aborted
     detail: str = ""
+    error_kind: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def fail(self, error: ProxyError) -> None:
+        """fileproxy answered itself: a refusal (4xx), a rejection by admission (429/503 before
+        any upstream) or an upstream failure (5xx)."""
+        self.detail, self.error_kind, self.status = error.message, error.kind, error.status
+        if error.status < 500 and error.status != 429:
+            self.outcome = "refused"
+        elif error.kind:
+            self.outcome = "upstream_error"
+        else:
+            self.outcome = "rejected"
+
+    def relayed(self, response: web.StreamResponse) -> None:
+        self.status = response.status
+        self.bytes_out = response_bytes(response)
+        aborted = getattr(response, "aborted", None)
+        if aborted:
+            self.outcome, self.detail = "aborted", aborted
 
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
@@ -47,7 +71,8 @@ def log_fields(request: web.BaseRequest, response: web.StreamResponse,
     if exchange is not None:
         fields.update(bytes_in=exchange.bytes_in, upstream=exchange.upstream,
                       ttfb=None if exchange.ttfb is None else round(exchange.ttfb, 6),
-                      request_id=exchange.request_id, outcome=exchange.outcome, **exchange.extra)
+                      retries=exchange.retries, request_id=exchange.request_id,
+                      outcome=exchange.outcome, **exchange.extra)
         if exchange.detail:
             fields["detail"] = exchange.detail
     return fields

@@ -1,11 +1,20 @@
-"""Admin endpoints under the reserved prefix (default /_fileproxy): health now, more as features land."""
+"""Admin endpoints under the reserved prefix (default /_fileproxy): health, ready, metrics, stats."""
 
 from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from fileproxy import __version__
+from fileproxy.config import Config
+from fileproxy.keys import CONFIG, METRICS, UPSTREAMS
+from fileproxy.metrics import stats
 from fileproxy.responses import QuietResponse, json_response
+
+AdminHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Refresh = Callable[[web.Application], None]
 
 
 async def health(request: web.Request) -> QuietResponse:
@@ -13,11 +22,57 @@ async def health(request: web.Request) -> QuietResponse:
     return json_response({"status": "ok", "version": __version__})
 
 
+async def ready(request: web.Request) -> QuietResponse:
+    """Readiness: at least one upstream is neither unhealthy nor ejected by its breaker."""
+    upstreams = request.app[UPSTREAMS]
+    members = {u.authority: {"healthy": u.healthy,
+                             "circuit": u.breaker.state if u.breaker else "closed"}
+               for u in upstreams.members}
+    is_ready = upstreams.ready()
+    return json_response({"ready": is_ready, "upstreams": members}, status=200 if is_ready else 503)
+
+
 async def not_found(request: web.Request) -> QuietResponse:
     return QuietResponse(status=404, text=f"404 Not Found: no fileproxy endpoint {request.path}\n")
 
 
-def add_admin_routes(app: web.Application, prefix: str) -> None:
+def add_admin_routes(app: web.Application, config: Config, refresh: Refresh) -> None:
     """Every path under the prefix is fileproxy's own: never forwarded."""
-    app.router.add_get(f"{prefix}/health", health)
-    app.router.add_route("*", prefix + "{tail:(/.*)?}", not_found)
+
+    async def metrics_text(request: web.Request) -> web.Response:
+        refresh(request.app)
+        body, content_type = request.app[METRICS].exposition()
+        response = QuietResponse(body=body)
+        response.headers["Content-Type"] = content_type
+        return response
+
+    async def stats_json(request: web.Request) -> QuietResponse:
+        refresh(request.app)
+        return json_response(stats(request.app[METRICS]))
+
+    routes: dict[str, AdminHandler] = {"health": health, "ready": ready, "metrics": metrics_text,
+                                       "stats": stats_json}
+    prefix = config.admin_prefix
+    for name, handler in routes.items():
+        app.router.add_get(f"{prefix}/{name}", guarded(handler))
+    if config.legacy_endpoints:  # the names the services fileproxy replaces used
+        for path, handler in (("/stats", stats_json), ("/proxy-metrics", stats_json),
+                              ("/proxy-health", ready)):
+            app.router.add_get(path, guarded(handler))
+    app.router.add_route("*", prefix + "{tail:(/.*)?}", guarded(not_found))
+
+
+def guarded(handler: AdminHandler) -> AdminHandler:
+    """Requires `Authorization: Bearer <admin token>` when --admin-token is set."""
+
+    async def check_token(request: web.Request) -> web.StreamResponse:
+        token = request.app[CONFIG].admin_token
+        if token:
+            offered = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(offered.encode(), token.encode()):
+                return QuietResponse(status=401, text="401 Unauthorized: the admin endpoints "
+                                                      "need the admin bearer token\n",
+                                     headers={"WWW-Authenticate": 'Bearer realm="fileproxy"'})
+        return await handler(request)
+
+    return check_token

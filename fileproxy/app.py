@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -9,10 +10,15 @@ from aiohttp import web
 
 from fileproxy.accesslog import AccessLogger
 from fileproxy.admin import add_admin_routes
+from fileproxy.admission import Admission
 from fileproxy.config import Config, active_config
-from fileproxy.keys import CONFIG, SESSION, UPSTREAMS
+from fileproxy.health import HealthChecker
+from fileproxy.keys import ADMISSION, CONFIG, METRICS, RETRY, SESSION, UPSTREAMS
+from fileproxy.metrics import Metrics
 from fileproxy.proxy import defer_expect, proxy_handler, route_every_target
-from fileproxy.upstream import Upstream, close_client_if_spliced, make_session
+from fileproxy.retry import RetryPolicy
+from fileproxy.upstream import close_client_if_spliced, make_session
+from fileproxy.upstreams import Upstreams
 
 
 async def upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -22,13 +28,40 @@ async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def background_tasks(app: web.Application) -> AsyncIterator[None]:
+    """The worker's periodic jobs: metrics sampling every second, active health checks."""
+    tasks = [asyncio.create_task(refresh_metrics_forever(app))]
+    if app[CONFIG].health_check_path:
+        checker = HealthChecker(app[CONFIG], app[UPSTREAMS], app[SESSION])
+        tasks.append(asyncio.create_task(checker.run()))
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def refresh_metrics_forever(app: web.Application) -> None:
+    while True:
+        refresh_metrics(app)
+        await asyncio.sleep(1)
+
+
+def refresh_metrics(app: web.Application) -> None:
+    app[METRICS].refresh(app[ADMISSION], app[UPSTREAMS], app[SESSION].connector)
+
+
 def build_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[route_every_target])
     app[CONFIG] = config
-    app[UPSTREAMS] = tuple(Upstream(url) for url in config.upstream)
+    metrics = app[METRICS] = Metrics()
+    app[UPSTREAMS] = Upstreams.from_config(config, metrics.breaker_changed)
+    app[ADMISSION] = Admission(config.max_concurrent, config.max_queue_size,
+                               config.queue_timeout, config.max_per_client)
+    app[RETRY] = RetryPolicy.from_config(config)
     app.cleanup_ctx.append(upstream_session)
+    app.cleanup_ctx.append(background_tasks)
     app.on_response_prepare.append(close_client_if_spliced)
-    add_admin_routes(app, config.admin_prefix)
+    add_admin_routes(app, config, refresh_metrics)
     app.router.add_route("*", "/{path:.*}", proxy_handler, expect_handler=defer_expect)
     return app
 

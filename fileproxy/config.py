@@ -60,13 +60,35 @@ def parse_count(text: str) -> int:
 
 
 def parse_upstream(text: str) -> str:
-    """An upstream base URL: http(s)://host[:port][/prefix], no query or fragment."""
-    url = URL(str(text).strip(), encoded=True)
+    """An upstream: http(s)://host[:port][/prefix], no query or fragment, optionally followed by
+    ` weight=N` (as nginx's `server ... weight=N`)."""
+    url_text, *options = str(text).split()
+    url = URL(url_text, encoded=True)
     if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError("expected a URL such as http://10.0.0.5:8000")
+        raise ValueError("expected a URL such as http://10.0.0.5:8000 [weight=N]")
     if url.raw_query_string or url.raw_fragment:
         raise ValueError("an upstream URL takes no query or fragment")
-    return str(url).rstrip("/")
+    spec = str(url).rstrip("/")
+    for option in options:
+        name, _, value = option.partition("=")
+        if name != "weight" or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"unknown upstream option {option!r} (only weight=N, N >= 1)")
+        spec += f" weight={int(value)}"
+    return spec
+
+
+def parse_status(text: str) -> int:
+    value = int(str(text).strip())
+    if not 100 <= value <= 599:
+        raise ValueError("expected an HTTP status code")
+    return value
+
+
+def parse_ratio(text: str) -> float:
+    value = float(str(text).strip())
+    if not 0 <= value <= 1:
+        raise ValueError("expected a fraction from 0 to 1")
+    return value
 
 
 def parse_bind(text: str) -> str:
@@ -187,6 +209,71 @@ class Config:
     socket_rcvbuf: int = setting(0, parse_size,
                                  "SO_RCVBUF for client and upstream sockets (0: kernel autotuning)",
                                  metavar="SIZE")
+    # -- admission control (per worker)
+    max_concurrent: int = setting(1000, positive(parse_count),
+                                  "concurrent upstream exchanges per worker; more wait in the queue",
+                                  aliases=("--max-concurrent-requests",), metavar="N")
+    max_queue_size: int = setting(1000, parse_count,
+                                  "requests per worker that may wait for a slot; more get 503 at once",
+                                  metavar="N")
+    queue_timeout: float = setting(30.0, positive(parse_seconds),
+                                   "longest wait for a slot before 503 + Retry-After",
+                                   metavar="SECONDS")
+    max_per_client: int = setting(0, parse_count,
+                                  "concurrent exchanges per client address and worker (0: no "
+                                  "limit; beyond: 429)", metavar="N")
+    total_timeout: float = setting(0.0, parse_seconds,
+                                   "limit on a whole exchange (0: none, as a 10 GiB transfer may "
+                                   "take hours)", metavar="SECONDS")
+    # -- retries
+    max_retries: int = setting(2, parse_count, "retries of a failed attempt, only when safe",
+                               metavar="N")
+    retry_backoff_factor: float = setting(0.1, parse_seconds,
+                                          "first retry waits up to this long (full jitter), "
+                                          "doubling after", metavar="SECONDS")
+    retry_backoff_max: float = setting(2.0, parse_seconds, "longest wait before a retry",
+                                       metavar="SECONDS")
+    retry_statuses: tuple[int, ...] = setting(
+        (502, 503, 504), parse_status,
+        "upstream statuses that count as failures (retried when safe, and for the breaker)",
+        metavar="CODES", repeat=True)
+    retry_budget: float = setting(0.2, parse_ratio,
+                                  "retries may be at most this share of recent requests",
+                                  metavar="RATIO")
+    # -- several upstreams, circuit breakers, active health checks
+    balance: str = setting("round_robin", choice("round_robin", "least_in_flight"),
+                           "how an upstream is chosen (both weighted)")
+    circuit_breaker_threshold: int = setting(5, parse_count,
+                                             "consecutive failures that open an upstream's "
+                                             "circuit (0: never by count)", metavar="N")
+    circuit_breaker_timeout: float = setting(30.0, positive(parse_seconds),
+                                             "seconds a circuit stays open before probing",
+                                             metavar="SECONDS")
+    circuit_breaker_failure_ratio: float = setting(0.0, parse_ratio,
+                                                   "or open at this share of failures over the "
+                                                   "window (0: off)", metavar="RATIO")
+    circuit_breaker_window: int = setting(20, positive(parse_count),
+                                          "outcomes the failure ratio is taken over", metavar="N")
+    circuit_breaker_half_open_probes: int = setting(1, positive(parse_count),
+                                                    "requests let through at once while half-open",
+                                                    metavar="N")
+    health_check_path: str = setting("", str,
+                                     "path to probe on each upstream (empty: no active checks)",
+                                     metavar="PATH")
+    health_check_interval: float = setting(5.0, positive(parse_seconds),
+                                           "seconds between active checks", metavar="SECONDS")
+    health_check_timeout: float = setting(2.0, positive(parse_seconds),
+                                          "seconds an active check may take", metavar="SECONDS")
+    healthy_threshold: int = setting(2, positive(parse_count),
+                                     "passed checks that restore an upstream", metavar="N")
+    unhealthy_threshold: int = setting(3, positive(parse_count),
+                                       "failed checks that eject an upstream", metavar="N")
+    # -- admin endpoints
+    admin_token: str = setting("", str, "bearer token the admin endpoints require (empty: none)",
+                               metavar="TOKEN")
+    legacy_endpoints: bool = setting(False, parse_bool,
+                                     "also answer /stats, /proxy-metrics and /proxy-health, as "
+                                     "the services fileproxy replaces did")
     splice: bool = setting(True, parse_bool,
                            "relay large Content-Length bodies zero-copy with splice (Linux), both ways")
     host_header: str = setting("preserve", choice("preserve", "upstream"),
@@ -237,8 +324,9 @@ def coerce(name: str, raw: Any, source: str) -> Any:
     parse = spec.metadata["parse"]
     try:
         if spec.metadata["repeat"]:
-            items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
-            return tuple(parse(item) for item in items if str(item).strip())
+            items = raw if isinstance(raw, (list, tuple)) else [raw]
+            parts = [part for item in items for part in str(item).split(",")]
+            return tuple(parse(part) for part in parts if part.strip())
         if isinstance(raw, bool) and parse is parse_bool:
             return raw
         return parse(raw)

@@ -9,12 +9,18 @@ class ProxyError(Exception):
     """A request fileproxy answers itself instead of forwarding (4xx) or after the upstream failed (5xx)."""
 
     def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None,
-                 close: bool = False) -> None:
+                 close: bool = False, kind: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers or {}
         self.close = close
+        self.kind = kind  # for upstream failures: connect, connect_timeout, reset, timeout, ...
+
+    @property
+    def reached_upstream(self) -> bool:
+        """False when the upstream cannot have seen the request at all."""
+        return self.kind not in ("connect", "connect_timeout")
 
     def response(self, request_id: str) -> QuietResponse:
         headers = {"X-Request-Id": request_id, "Cache-Control": "no-store", **self.headers}

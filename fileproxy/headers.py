@@ -28,12 +28,19 @@ RESPONSE_DROP = HOP_BY_HOP | RESPONSE_FRAMING
 
 @dataclass(frozen=True)
 class Outgoing:
-    """What goes upstream: method, raw target (path and query, byte-for-byte) and headers."""
+    """What goes upstream: method, raw target (path and query, byte-for-byte) and headers; Host
+    is the client's when preserved, else the chosen upstream's."""
 
     method: str
     target: str
     headers: CIMultiDict[str]
     has_body: bool
+    host: str | None
+
+    def headers_for(self, upstream_authority: str) -> CIMultiDict[str]:
+        headers = self.headers.copy()
+        headers[hdrs.HOST] = self.host or upstream_authority
+        return headers
 
 
 def end_to_end(headers: CIMultiDict[str], drop: frozenset[str]) -> CIMultiDict[str]:
@@ -100,15 +107,13 @@ def origin_form_target(request: web.Request) -> str:
     raise ProxyError(400, f"Bad Request: unsupported request target form {raw[:64]!r}")
 
 
-def outgoing_request(request: web.Request, config: Config, target: str, request_id: str,
-                     upstream_host: str) -> Outgoing:
+def outgoing_request(request: web.Request, config: Config, target: str,
+                     request_id: str) -> Outgoing:
     headers = end_to_end(CIMultiDict(request.headers), REQUEST_DROP)
-    client_host = request.headers.get(hdrs.HOST)
-    headers[hdrs.HOST] = client_host if config.host_header == "preserve" and client_host \
-        else upstream_host
     add_forwarding(headers, request, config, request_id)
+    client_host = request.headers.get(hdrs.HOST) if config.host_header == "preserve" else None
     return Outgoing(method=request.method, target=target, headers=headers,
-                    has_body=request.body_exists)
+                    has_body=request.body_exists, host=client_host)
 
 
 def add_forwarding(headers: CIMultiDict[str], request: web.Request, config: Config,

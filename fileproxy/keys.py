@@ -1,12 +1,18 @@
-"""Typed aiohttp AppKeys for the objects the application shares (config, upstreams, the session)."""
+"""Typed aiohttp AppKeys for the objects the application shares (config, upstreams, session, ...)."""
 
 from __future__ import annotations
 
 from aiohttp import ClientSession, web
 
+from fileproxy.admission import Admission
 from fileproxy.config import Config
-from fileproxy.upstream import Upstream
+from fileproxy.metrics import Metrics
+from fileproxy.retry import RetryPolicy
+from fileproxy.upstreams import Upstreams
 
 CONFIG = web.AppKey("config", Config)
-UPSTREAMS = web.AppKey("upstreams", tuple[Upstream, ...])
+UPSTREAMS = web.AppKey("upstreams", Upstreams)
 SESSION = web.AppKey("session", ClientSession)
+ADMISSION = web.AppKey("admission", Admission)
+RETRY = web.AppKey("retry", RetryPolicy)
+METRICS = web.AppKey("metrics", Metrics)

@@ -6,50 +6,127 @@ import asyncio
 import itertools
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import ClientResponse, web
 
 from fileproxy.accesslog import EXCHANGE, Exchange
 from fileproxy.errors import ProxyError
-from fileproxy.headers import check_request, outgoing_request
-from fileproxy.keys import CONFIG, SESSION, UPSTREAMS
-from fileproxy.streaming import relay_response
-from fileproxy.upstream import body_payload, send
+from fileproxy.headers import Outgoing, check_request, outgoing_request, peer_address
+from fileproxy.keys import ADMISSION, CONFIG, METRICS, RETRY, SESSION, UPSTREAMS
+from fileproxy.streaming import abort_client, relay_body, start_response
+from fileproxy.upstream import ClientBody, body_payload, send
+from fileproxy.upstreams import Upstream
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    config = app[CONFIG]
+    exchange = request[EXCHANGE] = Exchange(request_id_for(request), time.monotonic())
+    with app[METRICS].track(exchange):
+        try:
+            # 1. validate and build the upstream request (4xx here never reaches an upstream)
+            target = check_request(request, config)
+            outgoing = outgoing_request(request, config, target, exchange.request_id)
+            # 2. admission: a slot, a short bounded wait for one, or 503 at once
+            async with app[ADMISSION].slot(peer_address(request) or "-"):
+                async with asyncio.timeout(config.total_timeout or None):
+                    return await forward(request, outgoing, exchange)
+        except ProxyError as error:
+            exchange.fail(error)
+            return error.response(exchange.request_id)
+
+
+async def forward(request: web.Request, outgoing: Outgoing,
+                  exchange: Exchange) -> web.StreamResponse:
+    """3-5: choose an upstream and send (retrying while safe), then stream the response back."""
     config = request.app[CONFIG]
-    loop = asyncio.get_running_loop()
-    exchange = request[EXCHANGE] = Exchange(request_id_for(request), loop.time())
-    body = None
+    deadline = total_deadline(config.total_timeout, exchange)
+    body = body_payload(request, outgoing, config.splice)
     try:
-        # 1. validate and build the upstream request (4xx here never reaches an upstream)
-        target = check_request(request, config)
-        # 2. choose an upstream
-        upstream = request.app[UPSTREAMS][0]
-        exchange.upstream = upstream.authority
-        outgoing = outgoing_request(request, config, target, exchange.request_id,
-                                    upstream.authority)
-        # 3. send it; the body streams (or is spliced) from the client as it arrives
-        body = body_payload(request, outgoing, config.splice)
-        upstream_response = await send(request.app[SESSION], upstream, outgoing, body)
-    except ProxyError as error:
-        exchange.outcome = "refused" if error.status < 500 else "upstream_error"
-        exchange.detail = error.message
-        return error.response(exchange.request_id)
+        async with asyncio.timeout_at(deadline):
+            upstream, upstream_response = await send_with_retries(request, outgoing, body,
+                                                                  exchange)
+    except TimeoutError:
+        request.app[METRICS].upstream_error(exchange.upstream, "total_timeout")
+        raise ProxyError(504, f"Gateway Timeout: no response within the total timeout of "
+                              f"{config.total_timeout:g} s", kind="total_timeout") from None
     finally:
         exchange.bytes_in = body.body_bytes if body is not None else 0
-    exchange.ttfb = loop.time() - exchange.started
-    # 4. stream the response back with backpressure; a cut body aborts the client connection
-    async with upstream_response:
-        response = await relay_response(request, upstream_response, config)
-    if response.aborted:
-        exchange.outcome, exchange.detail = "aborted", response.aborted
+    exchange.ttfb = time.monotonic() - exchange.started
+    try:
+        async with upstream_response:
+            response = await start_response(request, upstream_response)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await relay_body(request, upstream_response, response, config)
+            except TimeoutError:
+                abort_client(request, response, f"total timeout of {config.total_timeout:g} s",
+                             fault="timeout")
+    finally:
+        upstream.end()
+    exchange.relayed(response)
+    if response.fault == "upstream":
+        upstream.record(failed=True)
     return response
+
+
+async def send_with_retries(request: web.Request, outgoing: Outgoing, body: ClientBody | None,
+                            exchange: Exchange) -> tuple[Upstream, ClientResponse]:
+    """One attempt per upstream while the policy allows: connect errors, resets before headers and
+    the retry statuses count against the upstream's breaker and are retried when safe, on another
+    upstream when there is one. Returns the upstream, still counted in flight, and its response."""
+    app = request.app
+    upstreams, policy = app[UPSTREAMS], app[RETRY]
+    policy.budget.record_request()
+    tried: set[Upstream] = set()
+    while True:
+        upstream = upstreams.choose(exclude=tried)
+        tried.add(upstream)
+        exchange.upstream = upstream.authority
+        upstream.begin()
+        try:
+            response = await send(app[SESSION], upstream, outgoing, body)
+        except ProxyError as error:
+            upstream.end()
+            upstream.record(failed=True)
+            app[METRICS].upstream_error(upstream.authority, error.kind)
+            if not policy.may_retry(exchange.retries, reached_upstream=error.reached_upstream,
+                                    method=outgoing.method, body=body_state(body)):
+                raise
+        except BaseException:
+            upstream.end()
+            raise
+        else:
+            failed = response.status in policy.statuses
+            upstream.record(failed)
+            if failed:
+                app[METRICS].upstream_error(upstream.authority, f"status_{response.status}")
+            if not failed or not policy.may_retry(exchange.retries, reached_upstream=True,
+                                                  method=outgoing.method, body=body_state(body)):
+                return upstream, response
+            response.release()
+            upstream.end()
+        exchange.retries += 1
+        await asyncio.sleep(policy.backoff(exchange.retries))
+
+
+def total_deadline(total_timeout: float, exchange: Exchange) -> float | None:
+    """The loop-clock deadline of the whole exchange, or None without a total timeout."""
+    if not total_timeout:
+        return None
+    elapsed = time.monotonic() - exchange.started
+    return asyncio.get_running_loop().time() + total_timeout - elapsed
+
+
+def body_state(body: ClientBody | None) -> str:
+    if body is None:
+        return "none"
+    return "sent" if body.consumed else "unsent"
 
 
 _ID_PREFIX = secrets.token_hex(4)

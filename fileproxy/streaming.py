@@ -27,17 +27,25 @@ class RelayedResponse(NoDefaultHeaders, web.StreamResponse):
         self._send_headers_immediately = upstream.content.total_bytes == 0
         self.body_bytes = 0
         self.aborted: str | None = None
+        self.fault: str | None = None
 
 
-async def relay_response(request: web.Request, upstream: ClientResponse,
-                         config: Config) -> RelayedResponse:
-    """Send the upstream's status and headers, then its body; abort the client on truncation."""
+async def start_response(request: web.Request, upstream: ClientResponse) -> RelayedResponse:
+    """Send the upstream's status and headers (Content-Length kept when it gave one)."""
     response = RelayedResponse(upstream)
     length = response_length(upstream)
     if length is not None:
         response.content_length = length
     await response.prepare(request)
+    return response
+
+
+async def relay_body(request: web.Request, upstream: ClientResponse, response: RelayedResponse,
+                     config: Config) -> None:
+    """Send the upstream's body, spliced when large and of known length; a body cut short closes
+    the client connection instead of ending cleanly."""
     if body_expected(request, upstream):
+        length = response.content_length
         if config.splice and upstream.connection is not None and \
                 can_splice(length, upstream.connection.transport, request.transport):
             assert length is not None
@@ -46,7 +54,6 @@ async def relay_response(request: web.Request, upstream: ClientResponse,
             await copy_body(request, upstream, response)
     if response.aborted is None:
         await response.write_eof()
-    return response
 
 
 def body_expected(request: web.Request, upstream: ClientResponse) -> bool:
@@ -71,7 +78,7 @@ async def copy_body(request: web.Request, upstream: ClientResponse,
         try:
             await response.write(chunk)
         except ConnectionError:
-            abort_client(request, response, "client went away")
+            abort_client(request, response, "client went away", fault="client")
             return
         response.body_bytes += len(chunk)
 
@@ -85,14 +92,17 @@ async def splice_relay(request: web.Request, upstream: ClientResponse, response:
         abort_client(request, response, f"upstream body cut short after "
                                         f"{response.body_bytes} bytes ({error})")
     except (SinkGone, ConnectionError):
-        abort_client(request, response, "client went away")
+        abort_client(request, response, "client went away", fault="client")
     finally:
         upstream.close()  # aiohttp's parser never saw the spliced bytes: never reuse this one
 
 
-def abort_client(request: web.Request, response: RelayedResponse, reason: str) -> None:
-    """Close the client connection so a Content-Length or chunked body cannot end cleanly."""
+def abort_client(request: web.Request, response: RelayedResponse, reason: str,
+                 fault: str = "upstream") -> None:
+    """Close the client connection so a Content-Length or chunked body cannot end cleanly.
+    `fault` says whose it was: upstream, client or timeout."""
     response.aborted = reason
+    response.fault = fault
     log.info("%s %s: %s; closing the client connection", request.method, request.path, reason)
     if request.transport is not None:
         request.transport.close()

@@ -2,46 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import aiohttp
 from aiohttp import ClientResponse, ClientSession, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 from aiohttp.payload import Payload
-from yarl import URL
 
 from fileproxy.config import Config
 from fileproxy.errors import ProxyError
 from fileproxy.headers import Outgoing
+from fileproxy.retry import IDEMPOTENT
 from fileproxy.sockets import SocketOptions
 from fileproxy.splice import can_splice, splice_request_body
+from fileproxy.upstreams import Upstream
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Upstream responses may be header-heavy (the core issue asks for ~130 fields and long cookies).
 UPSTREAM_MAX_HEADERS = 1024
 UPSTREAM_MAX_FIELD_SIZE = 64 * 1024
 # What aiohttp would add on its own; a transparent proxy sends only what the client sent.
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-
-
-@dataclass(frozen=True)
-class Upstream:
-    """One upstream server: base URL (maybe with a path prefix) and its Host authority."""
-
-    base: str
-
-    @property
-    def url(self) -> URL:
-        return URL(self.base, encoded=True)
-
-    @property
-    def authority(self) -> str:
-        return self.url.raw_authority
-
-    def url_for(self, target: str) -> URL:
-        """base + the raw target, byte-for-byte: no decoding, merging of '//' or re-encoding."""
-        return URL(self.base + target, encoded=True)
 
 
 def make_session(config: Config) -> ClientSession:
@@ -132,9 +111,10 @@ async def send(session: ClientSession, upstream: Upstream, outgoing: Outgoing,
     itself does this for idempotent methods, this covers the rest.
     """
     url = upstream.url_for(outgoing.target)
+    headers = outgoing.headers_for(upstream.authority)
     for attempt in (1, 2):
         try:
-            return await session.request(outgoing.method, url, headers=outgoing.headers,
+            return await session.request(outgoing.method, url, headers=headers,
                                          data=body, allow_redirects=False)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
             if isinstance(error, aiohttp.ClientConnectorError):
@@ -158,4 +138,5 @@ async def send(session: ClientSession, upstream: Upstream, outgoing: Outgoing,
 
 def unreachable(upstream: Upstream, error: aiohttp.ClientConnectorError) -> ProxyError:
     reason = error.os_error.strerror or str(error.os_error)
-    return ProxyError(502, f"Bad Gateway: upstream {upstream.authority} unreachable ({reason})")
+    return ProxyError(502, f"Bad Gateway: upstream {upstream.authority} unreachable ({reason})",
+                      kind="connect")
