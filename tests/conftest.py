@@ -83,8 +83,8 @@ ProxyFactory = Callable[..., Awaitable[Served]]
 async def make_proxy() -> AsyncIterator[ProxyFactory]:
     started: list[Served] = []
 
-    async def start(upstream: str, **settings: Any) -> Served:
-        config = Config(upstream=(upstream,), **{"access_log": False, **settings})
+    async def start(*upstreams: str, **settings: Any) -> Served:
+        config = Config(upstream=upstreams, **{"access_log": False, **settings})
         served = await serve(build_runner(config))
         started.append(served)
         return served

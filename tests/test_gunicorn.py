@@ -75,3 +75,26 @@ def test_slow_client_costs_bounded_memory(gunicorn_proxy: GunicornProxy):
     assert received < 20 * 1024 * 1024, "the client really was slow"
     growth = {pid: (peak[pid] - baseline[pid]) / 2**20 for pid in pids}
     assert max(growth.values()) < 32, f"RSS growth per worker in MiB: {growth}"
+
+
+def get_json(url: str) -> dict:
+    import json
+
+    request = urllib.request.Request(url, headers={"Connection": "close"})
+    with urllib.request.urlopen(request) as response:
+        return json.loads(response.read())
+
+
+def test_stats_are_the_same_whichever_worker_answers(gunicorn_proxy: GunicornProxy):
+    before = get_json(f"{gunicorn_proxy.url}/_fileproxy/stats")["requests"]["total"]
+    for _ in range(40):  # a new connection each time: both workers serve some
+        request = urllib.request.Request(f"{gunicorn_proxy.url}/status/200",
+                                         headers={"Connection": "close"})
+        with urllib.request.urlopen(request) as response:
+            response.read()
+    seen = {get_json(f"{gunicorn_proxy.url}/_fileproxy/stats")["requests"]["total"]
+            for _ in range(10)}
+    assert seen == {before + 40}
+    with urllib.request.urlopen(f"{gunicorn_proxy.url}/_fileproxy/metrics") as response:
+        text = response.read().decode()
+    assert 'fileproxy_requests_total{outcome="ok",status="200"}' in text
