@@ -197,3 +197,61 @@ async def test_stats_metrics_and_admin_token(origin, make_proxy, client):
         assert (await response.json())["requests"]["total"] >= 3
     async with client.get(f"{proxy.url}/proxy-health", headers=auth) as response:
         assert (await response.json())["ready"] is True
+
+
+async def test_connect_timeout_is_504_and_retried_elsewhere(origin, make_proxy, client):
+    """A listener whose accept queue is full drops SYNs: a real connect timeout on loopback."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the queue; later SYNs get no answer
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        fillers.append(sock)
+    await asyncio.sleep(0.2)
+    try:
+        stuck = f"http://127.0.0.1:{port}"
+        alone = await make_proxy(stuck, connect_timeout=0.3, max_retries=0)
+        status, elapsed, _ = await timed_get(client, f"{alone.url}/x")
+        assert status == 504 and elapsed < 2
+        paired = await make_proxy(stuck, origin.url, connect_timeout=0.3,
+                                  retry_backoff_factor=0.01)
+        assert (await timed_get(client, f"{paired.url}/status/200"))[0] == 200
+    finally:
+        for sock in fillers:
+            sock.close()
+        listener.close()
+
+
+async def test_reset_before_headers_is_retried_on_another_upstream(origin, make_proxy, client):
+    async with RawServer(lambda _request: None) as resetting:
+        proxy = await make_proxy(resetting.url, origin.url, retry_backoff_factor=0.01)
+        for _ in range(4):
+            assert (await timed_get(client, f"{proxy.url}/status/200"))[0] == 200
+    assert resetting.requests, "the resetting upstream was tried"
+
+
+def test_breaker_opens_on_a_failure_ratio_too():
+    from fileproxy.breaker import CLOSED, OPEN, BreakerSettings, CircuitBreaker
+
+    breaker = CircuitBreaker("u", BreakerSettings(threshold=0, failure_ratio=0.5, window=4))
+    for failed in (False, True, False):
+        breaker.record(failed)
+        assert breaker.state == CLOSED, "fewer outcomes than the window: no verdict yet"
+    breaker.record(True)  # 2 of the last 4 failed
+    assert breaker.state == OPEN and not breaker.allow()
+
+
+async def test_load_tool_counts_statuses_and_latencies(origin):
+    from benchmarks.load import run_load
+
+    result = await run_load(f"{origin.url}/status/204", concurrency=5, requests=50,
+                            progress=False)
+    summary = result.summary()
+    assert summary["statuses"] == {"204": 50} and summary["errors"] == {}
+    assert summary["latency_ms"]["p99"] >= summary["latency_ms"]["p50"] > 0
