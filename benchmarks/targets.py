@@ -10,12 +10,50 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import free_port, spawn, terminate, wait_http
 
 WORKERS = 2
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a server runs: an address to bind and, for the bad-network harness, a namespace."""
+
+    host: str = "127.0.0.1"
+    namespace: str | None = None
+
+    def command(self, args: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.namespace, *args] if self.namespace else args
+
+    def spawn(self, args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        return spawn(self.command(args), **kwargs)
+
+    def url(self, port: int) -> str:
+        return f"http://{self.host}:{port}"
+
+    def wait(self, url: str, process: subprocess.Popen[bytes]) -> None:
+        """Until the server answers, asked from its own place."""
+        if self.namespace is None:
+            wait_http(url, process)
+            return
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"{process.args} exited with {process.returncode}")
+            probe = subprocess.run(self.command(["curl", "-s", "-o", "/dev/null", "-m", "1",
+                                                 url]), check=False)
+            if probe.returncode == 0:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"{url} did not answer within 30 s")
+
+
+LOOPBACK = Place()
 
 
 @dataclass
@@ -73,7 +111,7 @@ http {{
   tcp_nopush on;
   keepalive_requests 1000000;
   server {{
-    listen 127.0.0.1:{port} backlog=4096;
+    listen {host}:{port} backlog=4096;
     root {files};
     # An upload sink that reads the whole body before answering (return 200 would answer first):
     # WebDAV PUT into tmpfs.
@@ -97,7 +135,7 @@ def make_files(directory: Path, sizes: dict[str, int]) -> None:
             handle.truncate(size)
 
 
-def start_origin(work: Workdir, sizes: dict[str, int]) -> Running:
+def start_origin(work: Workdir, sizes: dict[str, int], place: Place = LOOPBACK) -> Running:
     """nginx serving static files when installed (the fastest origin), else tests/origin.py."""
     port = free_port()
     if shutil.which("nginx"):
@@ -107,14 +145,15 @@ def start_origin(work: Workdir, sizes: dict[str, int]) -> Running:
         sink.chmod(0o777)
         work.extra.append(sink)
         conf = work.file("origin-nginx.conf", NGINX_ORIGIN.format(
-            workers=WORKERS, dir=work.path, port=port, files=files, sink=sink))
-        process = spawn(["nginx", "-p", str(work.path), "-c", str(conf)])
-        running = Running("origin (nginx static)", f"http://127.0.0.1:{port}", process)
+            workers=WORKERS, dir=work.path, host=place.host, port=port, files=files, sink=sink))
+        process = place.spawn(["nginx", "-p", str(work.path), "-c", str(conf)])
+        running = Running("origin (nginx static)", place.url(port), process)
     else:
-        process = spawn([sys.executable, "-m", "tests.origin", "--port", str(port)])
-        running = Running("origin (aiohttp)", f"http://127.0.0.1:{port}", process,
+        process = place.spawn([sys.executable, "-m", "tests.origin", "--host", place.host,
+                               "--port", str(port)])
+        running = Running("origin (aiohttp)", place.url(port), process,
                           note="nginx not installed: the aiohttp test origin serves")
-    wait_http(running.url + "/", process)
+    place.wait(running.url + "/", process)
     return running
 
 
@@ -138,7 +177,7 @@ http {{
   keepalive_requests 1000000;
   upstream origin {{ server {origin}; keepalive 64; }}
   server {{
-    listen 127.0.0.1:{port} backlog=4096;
+    listen {host}:{port} backlog=4096;
     client_max_body_size 0;
     location / {{
       proxy_pass http://origin;
@@ -165,7 +204,7 @@ defaults
   timeout server 300s
   http-reuse safe
 frontend in
-  bind 127.0.0.1:{port}
+  bind {host}:{port}
   default_backend origin
 backend origin
   server o1 {origin}
@@ -176,7 +215,7 @@ CADDY = """
   admin off
   auto_https off
 }}
-http://127.0.0.1:{port} {{
+http://{host}:{port} {{
   reverse_proxy {origin} {{
     flush_interval -1
   }}
@@ -188,81 +227,87 @@ def hostport(url: str) -> str:
     return url.removeprefix("http://")
 
 
-def start_fileproxy(origin: Running, work: Workdir, extra: list[str]) -> Running:
+def start_fileproxy(origin: Running, work: Workdir, extra: list[str],
+                    place: Place = LOOPBACK) -> Running:
     port = free_port()
-    process = spawn([sys.executable, "-m", "fileproxy", "serve", "--upstream", origin.url,
-                     "--bind", f"127.0.0.1:{port}", "--workers", str(WORKERS), "--no-access-log",
-                     *extra], log=work.path / "fileproxy.log")
-    running = Running("fileproxy", f"http://127.0.0.1:{port}", process, note=" ".join(extra))
-    wait_http(running.url + "/_fileproxy/health", process)
+    process = place.spawn([sys.executable, "-m", "fileproxy", "serve", "--upstream", origin.url,
+                           "--bind", f"{place.host}:{port}", "--workers", str(WORKERS),
+                           "--no-access-log", *extra], log=work.path / "fileproxy.log")
+    running = Running("fileproxy", place.url(port), process, note=" ".join(extra))
+    place.wait(running.url + "/_fileproxy/health", process)
     return running
 
 
-def start_nginx(origin: Running, work: Workdir) -> Running | None:
+def start_nginx(origin: Running, work: Workdir, place: Place = LOOPBACK) -> Running | None:
     if not shutil.which("nginx"):
         return None
     port = free_port()
     conf = work.file("proxy-nginx.conf", NGINX_PROXY.format(
-        workers=WORKERS, dir=work.path, port=port, origin=hostport(origin.url)))
-    process = spawn(["nginx", "-p", str(work.path), "-c", str(conf)], log=work.path / "nginx.log")
-    running = Running("nginx", f"http://127.0.0.1:{port}", process,
+        workers=WORKERS, dir=work.path, host=place.host, port=port,
+        origin=hostport(origin.url)))
+    process = place.spawn(["nginx", "-p", str(work.path), "-c", str(conf)],
+                          log=work.path / "nginx.log")
+    running = Running("nginx", place.url(port), process,
                       note="proxy_buffering off, proxy_request_buffering off, "
                            "proxy_buffer_size 256k, upstream keepalive 64")
-    wait_http(running.url + "/", process)
+    place.wait(running.url + "/", process)
     return running
 
 
-def start_haproxy(origin: Running, work: Workdir) -> Running | None:
+def start_haproxy(origin: Running, work: Workdir, place: Place = LOOPBACK) -> Running | None:
     if not shutil.which("haproxy"):
         return None
     port = free_port()
-    conf = work.file("haproxy.cfg", HAPROXY.format(workers=WORKERS, port=port,
+    conf = work.file("haproxy.cfg", HAPROXY.format(workers=WORKERS, host=place.host, port=port,
                                                    origin=hostport(origin.url)))
-    process = spawn(["haproxy", "-db", "-f", str(conf)], log=work.path / "haproxy.log")
-    running = Running("haproxy", f"http://127.0.0.1:{port}", process, note="nbthread 2")
-    wait_http(running.url + "/", process)
+    process = place.spawn(["haproxy", "-db", "-f", str(conf)], log=work.path / "haproxy.log")
+    running = Running("haproxy", place.url(port), process, note="nbthread 2")
+    place.wait(running.url + "/", process)
     return running
 
 
-def start_caddy(origin: Running, work: Workdir) -> Running | None:
+def start_caddy(origin: Running, work: Workdir, place: Place = LOOPBACK) -> Running | None:
     if not shutil.which("caddy"):
         return None
     port = free_port()
-    conf = work.file("Caddyfile", CADDY.format(port=port, origin=hostport(origin.url)))
-    process = spawn(["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"],
-                    log=work.path / "caddy.log", env={"GOMAXPROCS": str(WORKERS),
-                                                      "HOME": str(work.path),
-                                                      "PATH": "/usr/bin:/bin"})
-    running = Running("caddy", f"http://127.0.0.1:{port}", process, note="GOMAXPROCS=2")
-    wait_http(running.url + "/", process)
+    conf = work.file("Caddyfile", CADDY.format(host=place.host, port=port,
+                                               origin=hostport(origin.url)))
+    process = place.spawn(["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"],
+                          log=work.path / "caddy.log",
+                          env={"GOMAXPROCS": str(WORKERS), "HOME": str(work.path),
+                               "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    running = Running("caddy", place.url(port), process, note="GOMAXPROCS=2")
+    place.wait(running.url + "/", process)
     return running
 
 
-def start_naive(origin: Running, work: Workdir) -> Running:
+def start_naive(origin: Running, work: Workdir, place: Place = LOOPBACK) -> Running:
     port = free_port()
     empty_conf = work.file("naive_gunicorn.py", "")  # not the repo's gunicorn.conf.py
-    process = spawn([sys.executable, "-m", "gunicorn", "-c", str(empty_conf),
-                     "--workers", str(WORKERS), "--worker-class",
-                     "aiohttp.GunicornWebWorker", "--bind", f"127.0.0.1:{port}",
-                     "--no-control-socket",
-                     f"benchmarks.naive_proxy:make_app('{origin.url}')"],
-                    log=work.path / "naive.log")
-    running = Running("naive aiohttp", f"http://127.0.0.1:{port}", process,
+    process = place.spawn([sys.executable, "-m", "gunicorn", "-c", str(empty_conf),
+                           "--workers", str(WORKERS), "--worker-class",
+                           "aiohttp.GunicornWebWorker", "--bind", f"{place.host}:{port}",
+                           "--no-control-socket",
+                           f"benchmarks.naive_proxy:make_app('{origin.url}')"],
+                          log=work.path / "naive.log")
+    running = Running("naive aiohttp", place.url(port), process,
                       note="session per request, 16 KiB iter_chunked, asyncio loop")
-    wait_http(running.url + "/", process)
+    place.wait(running.url + "/", process)
     return running
 
 
-def start_proxies(origin: Running, work: Workdir,
-                  fileproxy_flags: list[str]) -> tuple[list[Running], list[str]]:
+def start_proxies(origin: Running, work: Workdir, fileproxy_flags: list[str],
+                  place: Place = LOOPBACK, peers: tuple[str, ...] = ("nginx", "haproxy", "caddy")
+                  ) -> tuple[list[Running], list[str]]:
     """Every proxy that can run here, and a note for each that cannot."""
-    started = [start_fileproxy(origin, work, fileproxy_flags)]
+    started = [start_fileproxy(origin, work, fileproxy_flags, place)]
     notes = []
-    for name, starter in (("nginx", start_nginx), ("haproxy", start_haproxy), ("caddy", start_caddy)):
-        running = starter(origin, work)
+    starters = {"nginx": start_nginx, "haproxy": start_haproxy, "caddy": start_caddy}
+    for name in peers:
+        running = starters[name](origin, work, place)
         if running is None:
             notes.append(f"{name}: not installed, row skipped (apt-get install {name})")
         else:
             started.append(running)
-    started.append(start_naive(origin, work))
+    started.append(start_naive(origin, work, place))
     return started, notes

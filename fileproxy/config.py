@@ -110,10 +110,14 @@ def parse_admin_prefix(text: str) -> str:
 
 
 def parse_congestion(text: str) -> str:
+    """A congestion control name; "auto" is bbr where the kernel has it (it keeps a lossy,
+    long-RTT link full where cubic collapses), else the system default; "" is the system default."""
     name = str(text).strip()
+    available = _available_congestion_controls()
+    if name == "auto":
+        return "bbr" if available is None or "bbr" in available else ""
     if not name:
         return ""
-    available = _available_congestion_controls()
     if available is not None and name not in available:
         raise ValueError(f"not available in this kernel (available: {' '.join(sorted(available))})")
     return name
@@ -200,9 +204,10 @@ class Config:
     dns_ttl: int = setting(300, parse_count, "seconds upstream DNS answers are cached",
                            metavar="SECONDS")
     tcp_nodelay: bool = setting(True, parse_bool, "TCP_NODELAY on client and upstream sockets")
-    tcp_congestion: str = setting("", parse_congestion,
-                                  "TCP congestion control for proxy sockets, e.g. bbr or cubic "
-                                  "(default: the system's)", metavar="NAME")
+    tcp_congestion: str = setting("auto", parse_congestion,
+                                  "TCP congestion control for proxy sockets, e.g. bbr or cubic; "
+                                  "auto: bbr where available; empty: the system's",
+                                  metavar="NAME")
     socket_sndbuf: int = setting(0, parse_size,
                                  "SO_SNDBUF for client and upstream sockets (0: kernel autotuning)",
                                  metavar="SIZE")
@@ -299,6 +304,8 @@ class Config:
                              "log level")
 
     def __post_init__(self) -> None:
+        if self.tcp_congestion == "auto":  # the default, not yet resolved against this kernel
+            object.__setattr__(self, "tcp_congestion", parse_congestion("auto"))
         if not self.upstream:
             raise ConfigError("--upstream: at least one upstream URL is required "
                               "(e.g. --upstream http://127.0.0.1:8000)")

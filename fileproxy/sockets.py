@@ -11,6 +11,7 @@ from aiohappyeyeballs import AddrInfoType
 from fileproxy.config import Config
 
 log = logging.getLogger("fileproxy.sockets")
+_warned: list[bool] = []
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,19 @@ class SocketOptions:
         if self.rcvbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
         if self.congestion:
+            self.set_congestion(sock)
+
+    def set_congestion(self, sock: socket.socket) -> None:
+        """A tuning knob, not a reason to fail a connection: if the kernel refuses (the algorithm
+        is not in net.ipv4.tcp_allowed_congestion_control for an unprivileged process), say so
+        once and keep the system default."""
+        try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.congestion.encode())
+        except OSError as error:
+            if not _warned:
+                _warned.append(True)
+                log.warning("cannot use TCP congestion control %r (%s); using the system "
+                            "default", self.congestion, error.strerror)
 
     def upstream_socket_factory(self, addr_info: AddrInfoType) -> socket.socket:
         """aiohttp TCPConnector(socket_factory=...): a new upstream socket, tuned before connect."""
