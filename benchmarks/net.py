@@ -359,10 +359,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short transfers, one repetition")
     parser.add_argument("--scenarios", default=str(SCENARIOS))
     parser.add_argument("--fileproxy-flag", action="append", default=[])
+    parser.add_argument("--congestion", action="append", default=[], metavar="ROLE=NAME",
+                        help="a namespace's default congestion control, e.g. proxy=bbr "
+                             "(roles: client, proxy, origin)")
     args = parser.parse_args()
     require_root_and_ip()
     run = load_run(args)
-    congestion = run.defaults.get("congestion", {})
+    congestion = dict(run.defaults.get("congestion", {}))
+    for override in args.congestion:
+        role, _, name = override.partition("=")
+        if role not in ("client", "proxy", "origin") or not name:
+            raise HarnessError(f"bench net: --congestion takes ROLE=NAME, got {override!r}")
+        congestion[role] = name
     fileproxy_cc = run.defaults.get("fileproxy_tcp_congestion", "")
     flags = [*args.fileproxy_flag, *(["--tcp-congestion", fileproxy_cc] if fileproxy_cc else [])]
     work = Workdir()
@@ -380,7 +388,8 @@ def main() -> None:
             work.remove()
     markdown = report(run, results, checks, valid, notes, congestion, fileproxy_cc)
     print(markdown)
-    name = f"net-{run.profile_name}-{run.impaired}"
+    name = f"net-{run.profile_name}-{run.impaired}" + \
+        ("-" + "-".join(args.congestion).replace("=", "") if args.congestion else "")
     paths = save_results(name, {"profile": run.profile, "impaired": run.impaired,
                                 "valid": valid, "link_checks": checks, "results": results,
                                 "emulator": emulator, "notes": notes}, markdown)
