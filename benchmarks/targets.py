@@ -99,17 +99,20 @@ def tmpfs_or(fallback: Path) -> Path:
 
 # ---------------------------------------------------------------- origins
 
-NGINX_ORIGIN = """
+NGINX_HEAD = """
 worker_processes {workers};
 daemon off;
-pid {dir}/origin-nginx.pid;
+pid {dir}/{role}-nginx.pid;
 error_log stderr warn;
-events {{ worker_connections 4096; }}
+events {{ worker_connections 8192; }}
 http {{
   access_log off;
+  keepalive_requests 1000000;
+"""
+
+NGINX_ORIGIN = NGINX_HEAD.replace("{role}", "origin") + """
   sendfile on;
   tcp_nopush on;
-  keepalive_requests 1000000;
   server {{
     listen {host}:{port} backlog=4096;
     root {files};
@@ -164,17 +167,9 @@ def origin_path(origin: Running, name: str, size: int) -> str:
 
 # ---------------------------------------------------------------- proxies
 
-NGINX_PROXY = """
-worker_processes {workers};
-daemon off;
-pid {dir}/proxy-nginx.pid;
-error_log stderr warn;
-events {{ worker_connections 8192; }}
-http {{
-  access_log off;
+NGINX_PROXY = NGINX_HEAD.replace("{role}", "proxy") + """
   client_body_temp_path {dir}/proxy-body;
   proxy_temp_path {dir}/proxy-temp;
-  keepalive_requests 1000000;
   upstream origin {{ server {origin}; keepalive 64; }}
   server {{
     listen {host}:{port} backlog=4096;
