@@ -347,6 +347,8 @@ def load_run(args: argparse.Namespace) -> Run:
     defaults = scenario.get("defaults", {})
     if args.repeat:
         defaults["repeat"] = args.repeat
+    if args.transfer_seconds:
+        defaults["transfer_seconds"] = args.transfer_seconds
     return Run(args.profile, profiles[args.profile], defaults, args.impaired, args.quick)
 
 
@@ -357,6 +359,8 @@ def main() -> None:
     parser.add_argument("--impaired", choices=("client", "origin", "both"), default="client")
     parser.add_argument("--repeat", type=int, help="override the scenario file's repeat")
     parser.add_argument("--quick", action="store_true", help="short transfers, one repetition")
+    parser.add_argument("--transfer-seconds", type=float,
+                        help="override the scenario file's transfer_seconds")
     parser.add_argument("--scenarios", default=str(SCENARIOS))
     parser.add_argument("--fileproxy-flag", action="append", default=[])
     parser.add_argument("--congestion", action="append", default=[], metavar="ROLE=NAME",
