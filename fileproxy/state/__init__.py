@@ -1,0 +1,17 @@
+"""Shared state: a small protocol (values with TTL, counters, locks, an index, a work queue) with an
+in-memory backend (one process) and a Redis backend (several workers and instances)."""
+
+from fileproxy.state.base import Locked, StateStore, StateUnavailable
+
+__all__ = ["Locked", "StateStore", "StateUnavailable", "open_store"]
+
+
+def open_store(redis_url: str, prefix: str) -> StateStore:
+    """Redis when a URL is given (redis://, rediss://, unix://), else the in-memory store."""
+    if redis_url:
+        from fileproxy.state.redis import RedisStore
+
+        return RedisStore(redis_url, prefix)
+    from fileproxy.state.memory import MemoryStore
+
+    return MemoryStore(prefix)

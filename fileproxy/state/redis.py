@@ -1,0 +1,142 @@
+"""Redis state (redis.asyncio with hiredis): shared by every worker of every fileproxy instance."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import LockError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from fileproxy.state.base import Locked, StateUnavailable
+
+T = TypeVar("T")
+DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class RedisStore:
+    """Keys live under `prefix:`. Connection loss raises StateUnavailable; redis-py's pool opens a
+    new connection on the next command, so the store recovers by itself when Redis returns."""
+
+    def __init__(self, url: str, prefix: str = "fileproxy") -> None:
+        self.prefix = prefix
+        self.client = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=None,
+                                              health_check_interval=15)
+        self._groups: set[str] = set()
+
+    def k(self, key: str) -> str:
+        return f"{self.prefix}:{key}"
+
+    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await operation()
+        except DOWN as error:
+            raise StateUnavailable(f"Redis unavailable: {error}") from error
+
+    async def ping(self) -> None:
+        await self._call(self.client.ping)
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._call(lambda: self.client.get(self.k(key)))
+
+    async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        px = int(ttl * 1000) if ttl else None
+        await self._call(lambda: self.client.set(self.k(key), value, px=px))
+
+    async def delete(self, *keys: str) -> int:
+        if not keys:
+            return 0
+        return await self._call(lambda: self.client.delete(*(self.k(key) for key in keys)))
+
+    async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
+        async def increment() -> int:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.incrby(self.k(key), amount)
+                if ttl:
+                    pipe.pexpire(self.k(key), int(ttl * 1000), nx=True)
+                results = await pipe.execute()
+            return int(results[0])
+
+        return await self._call(increment)
+
+    @contextlib.asynccontextmanager
+    async def lock(self, name: str, ttl: float) -> AsyncIterator[None]:
+        lock = self.client.lock(self.k(f"lock:{name}"), timeout=ttl, blocking=False)
+        if not await self._call(lock.acquire):
+            raise Locked(name)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(LockError, *DOWN):
+                await lock.release()
+
+    async def index_add(self, index: str, member: str, score: float) -> None:
+        await self._call(lambda: self.client.zadd(self.k(index), {member: score}))
+
+    async def index_remove(self, index: str, *members: str) -> None:
+        if members:
+            await self._call(lambda: self.client.zrem(self.k(index), *members))
+
+    async def index_range(self, index: str, limit: int, max_score: float | None = None
+                          ) -> list[tuple[str, float]]:
+        top = "+inf" if max_score is None else max_score
+        rows = await self._call(lambda: self.client.zrangebyscore(
+            self.k(index), "-inf", top, start=0, num=limit, withscores=True))
+        return [(member.decode(), float(score)) for member, score in rows]
+
+    async def _group(self, queue: str) -> str:
+        stream = self.k(f"queue:{queue}")
+        if stream not in self._groups:
+            try:
+                await self._call(lambda: self.client.xgroup_create(stream, "workers", id="0",
+                                                                   mkstream=True))
+            except ResponseError as error:
+                if "BUSYGROUP" not in str(error):
+                    raise
+            self._groups.add(stream)
+        return stream
+
+    async def queue_push(self, queue: str, item: dict[str, Any]) -> str:
+        stream = await self._group(queue)
+        message_id = await self._call(lambda: self.client.xadd(
+            stream, {"item": json.dumps(item)}))
+        return message_id.decode()
+
+    async def queue_claim(self, queue: str, consumer: str, wait: float
+                          ) -> tuple[str, dict[str, Any]] | None:
+        stream = await self._group(queue)
+        reply = await self._call(lambda: self.client.xreadgroup(
+            "workers", consumer, {stream: ">"}, count=1, block=max(1, int(wait * 1000))))
+        if not reply:
+            return None
+        message_id, fields = reply[0][1][0]
+        return message_id.decode(), json.loads(fields[b"item"])
+
+    async def queue_ack(self, queue: str, message_id: str) -> None:
+        stream = await self._group(queue)
+
+        async def ack() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.xack(stream, "workers", message_id)
+                pipe.xdel(stream, message_id)
+                await pipe.execute()
+
+        await self._call(ack)
+
+    async def queue_reclaim(self, queue: str, consumer: str, idle: float
+                            ) -> list[tuple[str, dict[str, Any]]]:
+        stream = await self._group(queue)
+        reply = await self._call(lambda: self.client.xautoclaim(
+            stream, "workers", consumer, min_idle_time=int(idle * 1000), count=100))
+        return [(mid.decode(), json.loads(fields[b"item"])) for mid, fields in reply[1] if fields]
+
+    async def queue_length(self, queue: str) -> int:
+        stream = await self._group(queue)
+        return int(await self._call(lambda: self.client.xlen(stream)))
+
+    async def close(self) -> None:
+        await self.client.aclose()
