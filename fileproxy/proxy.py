@@ -16,7 +16,7 @@ from fileproxy.errors import ProxyError
 from fileproxy.headers import Outgoing, check_request, outgoing_request, peer_address
 from fileproxy.keys import ADMISSION, CONFIG, METRICS, RETRY, SESSION, UPSTREAMS
 from fileproxy.streaming import abort_client, relay_body, start_response
-from fileproxy.upstream import ClientBody, body_payload, send
+from fileproxy.upstream import ForwardedBody, body_payload, send
 from fileproxy.upstreams import Upstream
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -49,7 +49,7 @@ async def forward(request: web.Request, outgoing: Outgoing,
     body = body_payload(request, outgoing, config.splice)
     try:
         async with asyncio.timeout_at(deadline):
-            upstream, upstream_response = await send_with_retries(request, outgoing, body,
+            upstream, upstream_response = await send_with_retries(request.app, outgoing, body,
                                                                   exchange)
     except TimeoutError:
         request.app[METRICS].upstream_error(exchange.upstream, "total_timeout")
@@ -75,12 +75,13 @@ async def forward(request: web.Request, outgoing: Outgoing,
     return response
 
 
-async def send_with_retries(request: web.Request, outgoing: Outgoing, body: ClientBody | None,
-                            exchange: Exchange) -> tuple[Upstream, ClientResponse]:
+async def send_with_retries(app: web.Application, outgoing: Outgoing,
+                            body: ForwardedBody | None, exchange: Exchange
+                            ) -> tuple[Upstream, ClientResponse]:
     """One attempt per upstream while the policy allows: connect errors, resets before headers and
     the retry statuses count against the upstream's breaker and are retried when safe, on another
-    upstream when there is one. Returns the upstream, still counted in flight, and its response."""
-    app = request.app
+    upstream when there is one. Returns the upstream, still counted in flight, and its response.
+    (Async tasks run through here too, with a stored body.)"""
     upstreams, policy = app[UPSTREAMS], app[RETRY]
     policy.budget.record_request()
     tried: set[Upstream] = set()
@@ -96,7 +97,7 @@ async def send_with_retries(request: web.Request, outgoing: Outgoing, body: Clie
             upstream.record(failed=True)
             app[METRICS].upstream_error(upstream.authority, error.kind)
             if not policy.may_retry(exchange.retries, reached_upstream=error.reached_upstream,
-                                    method=outgoing.method, body=body_state(body)):
+                                    method=outgoing.method, **body_state(body)):
                 raise
         except BaseException:
             upstream.end()
@@ -107,7 +108,7 @@ async def send_with_retries(request: web.Request, outgoing: Outgoing, body: Clie
             if failed:
                 app[METRICS].upstream_error(upstream.authority, f"status_{response.status}")
             if not failed or not policy.may_retry(exchange.retries, reached_upstream=True,
-                                                  method=outgoing.method, body=body_state(body)):
+                                                  method=outgoing.method, **body_state(body)):
                 return upstream, response
             response.release()
             upstream.end()
@@ -123,10 +124,9 @@ def total_deadline(total_timeout: float, exchange: Exchange) -> float | None:
     return asyncio.get_running_loop().time() + total_timeout - elapsed
 
 
-def body_state(body: ClientBody | None) -> str:
-    if body is None:
-        return "none"
-    return "sent" if body.consumed else "unsent"
+def body_state(body: ForwardedBody | None) -> dict[str, bool]:
+    return {"has_body": body is not None, "body_sent": body is not None and body.sent,
+            "replayable": body is None or body.replayable}
 
 
 _ID_PREFIX = secrets.token_hex(4)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 from aiohttp import ClientResponse, ClientSession, web
 from aiohttp.abc import AbstractStreamWriter
@@ -52,25 +54,36 @@ def make_session(config: Config) -> ClientSession:
 CLOSE_CLIENT = web.RequestKey("close_client", bool)
 
 
-class ClientBody(Payload):
-    """The client's request body for aiohttp's client: streamed as it arrives, or spliced when large
-    (fileproxy/splice.py). Sends the client its 100 Continue when the upstream asked for the body."""
+class ForwardedBody(Payload):
+    """A request body on its way upstream: counts what was sent; `replayable` when it can be sent
+    again (stored), not when it streams from the client."""
 
-    def __init__(self, request: web.Request, splice: bool) -> None:
-        super().__init__(request.content, content_type=None)
-        self._request = request
-        self._splice = splice
+    replayable = False
+
+    def __init__(self, value: Any) -> None:
+        super().__init__(value, content_type=None)
         self.body_bytes = 0
+        self.sent = False  # a first byte went (or may have gone) upstream
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        raise TypeError("a streamed request body is not kept, so it cannot be decoded")
+        raise TypeError("a forwarded request body is not kept, so it cannot be decoded")
 
     async def write(self, writer: AbstractStreamWriter) -> None:
         await self.write_with_length(writer, None)
 
+
+class ClientBody(ForwardedBody):
+    """The client's request body for aiohttp's client: streamed as it arrives, or spliced when large
+    (fileproxy/splice.py). Sends the client its 100 Continue when the upstream asked for the body."""
+
+    def __init__(self, request: web.Request, splice: bool) -> None:
+        super().__init__(request.content)
+        self._request = request
+        self._splice = splice
+
     async def write_with_length(self, writer: AbstractStreamWriter,
                                 content_length: int | None) -> None:
-        self._consumed = True  # the client's bytes can be sent once only: no replay on retry
+        self._consumed = self.sent = True  # the client's bytes go once only: no replay
         request = self._request
         await send_100_continue(request)
         length = request.content_length
@@ -103,7 +116,7 @@ def body_payload(request: web.Request, outgoing: Outgoing, splice: bool) -> Clie
 
 
 async def send(session: ClientSession, upstream: Upstream, outgoing: Outgoing,
-               body: ClientBody | None) -> ClientResponse:
+               body: ForwardedBody | None) -> ClientResponse:
     """Send the request and return the response once its headers arrived; errors -> 502/504.
 
     A pooled connection the upstream closed just as it was reused (the keep-alive race) is

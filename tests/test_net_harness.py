@@ -29,9 +29,12 @@ def namespaces() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
-def netem_processes() -> list[str]:
-    out = subprocess.run(["pgrep", "-f", "benchmarks.netem"], capture_output=True, text=True)
-    return [pid for pid in out.stdout.split() if int(pid) != os.getpid()]
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("profile", [LAN | {"concurrency": 10}, IMPAIRED],
@@ -43,6 +46,8 @@ def test_links_measure_as_configured_and_nothing_is_left_behind(profile):
         topology.build(run.netem_spec("client"), run.netem_spec("origin"),
                        {"client": "cubic", "proxy": "cubic", "origin": "cubic"})
         assert {topology.client, topology.proxy, topology.origin} <= namespaces()
+        assert topology.emulator is not None
+        emulator_pid = topology.emulator.pid
         checks, valid = verify_links(topology, run)
         emulator = topology.emulator_stats()
     by_name = {c["check"]: c for c in checks}
@@ -52,7 +57,7 @@ def test_links_measure_as_configured_and_nothing_is_left_behind(profile):
     if profile["loss"]:
         assert emulator["tc0->tp0"]["lost"] > 0 and emulator["tp0->tc0"]["lost"] > 0
     assert namespaces() == before
-    assert not netem_processes()
+    assert not alive(emulator_pid)
 
 
 def test_refuses_clearly_without_root(tmp_path):
