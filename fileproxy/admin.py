@@ -12,6 +12,7 @@ from fileproxy.config import Config
 from fileproxy.keys import CONFIG, METRICS, UPSTREAMS
 from fileproxy.metrics import stats
 from fileproxy.responses import QuietResponse, json_response
+from fileproxy.tasks import add_task_routes
 
 AdminHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Refresh = Callable[[web.Application], None]
@@ -59,6 +60,7 @@ def add_admin_routes(app: web.Application, config: Config, refresh: Refresh) -> 
         for path, handler in (("/stats", stats_json), ("/proxy-metrics", stats_json),
                               ("/proxy-health", ready)):
             app.router.add_get(path, guarded(handler))
+    add_task_routes(app, prefix, guarded)
     app.router.add_route("*", prefix + "{tail:(/.*)?}", guarded(not_found))
 
 

@@ -13,10 +13,12 @@ from fileproxy.admin import add_admin_routes
 from fileproxy.admission import Admission
 from fileproxy.config import Config, active_config
 from fileproxy.health import HealthChecker
-from fileproxy.keys import ADMISSION, CONFIG, METRICS, RETRY, SESSION, UPSTREAMS
+from fileproxy.keys import ADMISSION, CONFIG, METRICS, RETRY, SESSION, STORE, TASKS, UPSTREAMS
 from fileproxy.metrics import Metrics
 from fileproxy.proxy import defer_expect, proxy_handler, route_every_target
 from fileproxy.retry import RetryPolicy
+from fileproxy.state import open_store
+from fileproxy.tasks import TaskManager
 from fileproxy.upstream import close_client_if_spliced, make_session
 from fileproxy.upstreams import Upstreams
 
@@ -26,6 +28,18 @@ async def upstream_session(app: web.Application) -> AsyncIterator[None]:
     async with make_session(app[CONFIG]) as session:
         app[SESSION] = session
         yield
+
+
+async def state_and_tasks(app: web.Application) -> AsyncIterator[None]:
+    """The state store (Redis or memory) and this worker's share of running async tasks."""
+    config = app[CONFIG]
+    store = app[STORE] = open_store(config.redis_url, config.state_prefix)
+    manager = app[TASKS] = TaskManager(app, config, store)
+    runner = asyncio.create_task(manager.run_forever())
+    yield
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
+    await store.close()
 
 
 async def background_tasks(app: web.Application) -> AsyncIterator[None]:
@@ -60,6 +74,7 @@ def build_app(config: Config) -> web.Application:
     app[RETRY] = RetryPolicy.from_config(config)
     app.cleanup_ctx.append(upstream_session)
     app.cleanup_ctx.append(background_tasks)
+    app.cleanup_ctx.append(state_and_tasks)
     app.on_response_prepare.append(close_client_if_spliced)
     add_admin_routes(app, config, refresh_metrics)
     app.router.add_route("*", "/{path:.*}", proxy_handler, expect_handler=defer_expect)

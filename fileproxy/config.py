@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import tempfile
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -75,6 +76,13 @@ def parse_upstream(text: str) -> str:
             raise ValueError(f"unknown upstream option {option!r} (only weight=N, N >= 1)")
         spec += f" weight={int(value)}"
     return spec
+
+
+def parse_redis_url(text: str) -> str:
+    url = str(text).strip()
+    if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("expected redis://host:port/db, rediss://... or unix:///path")
+    return url
 
 
 def parse_status(text: str) -> int:
@@ -279,6 +287,37 @@ class Config:
     legacy_endpoints: bool = setting(False, parse_bool,
                                      "also answer /stats, /proxy-metrics and /proxy-health, as "
                                      "the services fileproxy replaces did")
+    # -- shared state and async tasks
+    redis_url: str = setting("", parse_redis_url,
+                             "Redis for state shared by workers and instances (redis://, "
+                             "rediss://, unix://); empty: in-memory, one process", metavar="URL")
+    state_prefix: str = setting("fileproxy", str, "prefix of every key fileproxy stores",
+                                metavar="PREFIX")
+    async_route: tuple[str, ...] = setting(
+        (), str, "requests run as async tasks without Prefer: respond-async, e.g. 'POST /api/*' "
+                 "(repeat)", metavar="'METHOD /path*'", repeat=True)
+    task_ttl: float = setting(86400.0, positive(parse_seconds),
+                              "how long a task and its result are kept", metavar="SECONDS")
+    task_inline_max: int = setting(1024 * 1024, parse_size,
+                                   "task bodies and results up to this size live in the store, "
+                                   "larger ones in the spool directory", metavar="SIZE")
+    spool_dir: str = setting(os.path.join(tempfile.gettempdir(), "fileproxy-spool"), str,
+                             "directory for large task bodies and results (share it between "
+                             "instances that share Redis)", metavar="DIR")
+    task_concurrency: int = setting(4, positive(parse_count),
+                                    "async tasks each worker runs at once", metavar="N")
+    task_queue_size: int = setting(10000, positive(parse_count),
+                                   "queued tasks before new ones get 503", metavar="N")
+    task_timeout: float = setting(0.0, parse_seconds,
+                                  "limit on a whole task (0: none; hours are fine)",
+                                  metavar="SECONDS")
+    task_read_timeout: float = setting(3600.0, positive(parse_seconds),
+                                       "how long a task's upstream may stay silent",
+                                       metavar="SECONDS")
+    task_visibility_timeout: float = setting(
+        30.0, positive(parse_seconds),
+        "a task claimed by a worker that stopped answering is run again after this",
+        metavar="SECONDS")
     splice: bool = setting(True, parse_bool,
                            "relay large Content-Length bodies zero-copy with splice (Linux), both ways")
     host_header: str = setting("preserve", choice("preserve", "upstream"),

@@ -8,6 +8,8 @@ from fileproxy.admission import Admission
 from fileproxy.config import Config
 from fileproxy.metrics import Metrics
 from fileproxy.retry import RetryPolicy
+from fileproxy.state import StateStore
+from fileproxy.tasks import TaskManager
 from fileproxy.upstreams import Upstreams
 
 CONFIG = web.AppKey("config", Config)
@@ -16,3 +18,5 @@ SESSION = web.AppKey("session", ClientSession)
 ADMISSION = web.AppKey("admission", Admission)
 RETRY = web.AppKey("retry", RetryPolicy)
 METRICS = web.AppKey("metrics", Metrics)
+STORE = web.AppKey("store", StateStore)
+TASKS = web.AppKey("tasks", TaskManager)

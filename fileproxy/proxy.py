@@ -9,13 +9,16 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 from aiohttp import ClientResponse, web
 
 from fileproxy.accesslog import EXCHANGE, Exchange
 from fileproxy.errors import ProxyError
 from fileproxy.headers import Outgoing, check_request, outgoing_request, peer_address
-from fileproxy.keys import ADMISSION, CONFIG, METRICS, RETRY, SESSION, UPSTREAMS
+from fileproxy.keys import ADMISSION, CONFIG, METRICS, RETRY, SESSION, TASKS, UPSTREAMS
+from fileproxy.state import StateUnavailable
 from fileproxy.streaming import abort_client, relay_body, start_response
+from fileproxy.tasks import task_unavailable
 from fileproxy.upstream import ForwardedBody, body_payload, send
 from fileproxy.upstreams import Upstream
 
@@ -32,6 +35,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             # 1. validate and build the upstream request (4xx here never reaches an upstream)
             target = check_request(request, config)
             outgoing = outgoing_request(request, config, target, exchange.request_id)
+            # (async task mode: store it, answer 202, run it later on any worker)
+            if app[TASKS].wants_async(request):
+                return await submit_task(request, outgoing, exchange)
             # 2. admission: a slot, a short bounded wait for one, or 503 at once
             async with app[ADMISSION].slot(peer_address(request) or "-"):
                 async with asyncio.timeout(config.total_timeout or None):
@@ -39,6 +45,18 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         except ProxyError as error:
             exchange.fail(error)
             return error.response(exchange.request_id)
+
+
+async def submit_task(request: web.Request, outgoing: Outgoing,
+                      exchange: Exchange) -> web.StreamResponse:
+    try:
+        response = await request.app[TASKS].submit(request, outgoing,
+                                                    peer_address(request) or "-")
+    except StateUnavailable as error:
+        exchange.outcome, exchange.detail = "rejected", str(error)
+        return task_unavailable(error)
+    exchange.status = response.status
+    return response
 
 
 async def forward(request: web.Request, outgoing: Outgoing,
@@ -76,7 +94,8 @@ async def forward(request: web.Request, outgoing: Outgoing,
 
 
 async def send_with_retries(app: web.Application, outgoing: Outgoing,
-                            body: ForwardedBody | None, exchange: Exchange
+                            body: ForwardedBody | None, exchange: Exchange,
+                            timeout: aiohttp.ClientTimeout | None = None
                             ) -> tuple[Upstream, ClientResponse]:
     """One attempt per upstream while the policy allows: connect errors, resets before headers and
     the retry statuses count against the upstream's breaker and are retried when safe, on another
@@ -91,7 +110,7 @@ async def send_with_retries(app: web.Application, outgoing: Outgoing,
         exchange.upstream = upstream.authority
         upstream.begin()
         try:
-            response = await send(app[SESSION], upstream, outgoing, body)
+            response = await send(app[SESSION], upstream, outgoing, body, timeout)
         except ProxyError as error:
             upstream.end()
             upstream.record(failed=True)

@@ -116,7 +116,8 @@ def body_payload(request: web.Request, outgoing: Outgoing, splice: bool) -> Clie
 
 
 async def send(session: ClientSession, upstream: Upstream, outgoing: Outgoing,
-               body: ForwardedBody | None) -> ClientResponse:
+               body: ForwardedBody | None,
+               timeout: aiohttp.ClientTimeout | None = None) -> ClientResponse:
     """Send the request and return the response once its headers arrived; errors -> 502/504.
 
     A pooled connection the upstream closed just as it was reused (the keep-alive race) is
@@ -127,8 +128,9 @@ async def send(session: ClientSession, upstream: Upstream, outgoing: Outgoing,
     headers = outgoing.headers_for(upstream.authority)
     for attempt in (1, 2):
         try:
-            return await session.request(outgoing.method, url, headers=headers,
-                                         data=body, allow_redirects=False)
+            return await session.request(outgoing.method, url, headers=headers, data=body,
+                                         allow_redirects=False,
+                                         timeout=timeout or session.timeout)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
             if isinstance(error, aiohttp.ClientConnectorError):
                 raise unreachable(upstream, error) from error

@@ -55,6 +55,10 @@ class StateStore(Protocol):
         they move to `consumer`."""
         ...
 
+    async def queue_touch(self, queue: str, consumer: str, message_id: str) -> None:
+        """A long job is still alive: restart its idle clock so it is not reclaimed."""
+        ...
+
     async def queue_length(self, queue: str) -> int:
         """Items not yet acked."""
         ...

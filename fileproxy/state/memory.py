@@ -124,6 +124,12 @@ class MemoryStore:
             target.claimed[message_id] = (consumer, now, item)
         return stale
 
+    async def queue_touch(self, queue: str, consumer: str, message_id: str) -> None:
+        target = self._queue(queue)
+        if message_id in target.claimed:
+            target.claimed[message_id] = (consumer, time.monotonic(),
+                                          target.claimed[message_id][2])
+
     async def queue_length(self, queue: str) -> int:
         target = self._queue(queue)
         return len(target.waiting) + len(target.claimed)

@@ -134,6 +134,11 @@ class RedisStore:
             stream, "workers", consumer, min_idle_time=int(idle * 1000), count=100))
         return [(mid.decode(), json.loads(fields[b"item"])) for mid, fields in reply[1] if fields]
 
+    async def queue_touch(self, queue: str, consumer: str, message_id: str) -> None:
+        stream = await self._group(queue)
+        await self._call(lambda: self.client.xclaim(stream, "workers", consumer, 0, [message_id],
+                                                    justid=True))
+
     async def queue_length(self, queue: str) -> int:
         stream = await self._group(queue)
         return int(await self._call(lambda: self.client.xlen(stream)))

@@ -1,0 +1,434 @@
+"""Async task mode: a request handed over with `Prefer: respond-async` (or matching --async-route) is
+stored and answered 202 at once; any worker of any instance then runs it through the same upstream
+machinery (admission, retries, breakers) and keeps the response until it is fetched or expires."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from fileproxy.accesslog import Exchange
+from fileproxy.config import Config
+from fileproxy.errors import ProxyError
+from fileproxy.headers import Outgoing
+from fileproxy.responses import QuietResponse, json_response
+from fileproxy.state import StateStore, StateUnavailable
+from fileproxy.upstream import ForwardedBody
+
+log = logging.getLogger("fileproxy.tasks")
+QUEUE, INDEX = "tasks", "tasks:index"
+PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED = (
+    "pending", "processing", "completed", "failed", "cancelled")
+FINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+CHUNK = 256 * 1024
+
+
+@dataclass
+class Task:
+    id: str
+    method: str
+    target: str
+    headers: list[list[str]]
+    host: str | None
+    client: str
+    status: str = PENDING
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    attempts: int = 0
+    upstream: str | None = None
+    upstream_status: int | None = None
+    error: str | None = None
+    body_size: int = 0
+    body_spooled: bool = False
+    bytes_received: int = 0
+    result_spooled: bool = False
+    result_headers: list[list[str]] = field(default_factory=list)
+
+    def public(self, status_url: str) -> dict[str, Any]:
+        return {"task_id": self.id, "status": self.status, "status_url": status_url,
+                "created": self.created, "started": self.started, "finished": self.finished,
+                "attempts": self.attempts, "upstream": self.upstream,
+                "upstream_status": self.upstream_status, "error": self.error,
+                "request": {"method": self.method, "target": self.target,
+                            "body_bytes": self.body_size},
+                "bytes_received": self.bytes_received}
+
+
+class StoredBody(ForwardedBody):
+    """A task's request body, from the store or the spool: it can be sent again."""
+
+    replayable = True
+
+    def __init__(self, data: bytes | None, path: Path | None) -> None:
+        super().__init__(data or b"")
+        self._data, self._path = data, path
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        self.sent = True
+        if self._path is None:
+            await writer.write(self._data or b"")
+            self.body_bytes = len(self._data or b"")
+            return
+        with open(self._path, "rb") as handle:
+            while chunk := handle.read(CHUNK):
+                await writer.write(chunk)
+                self.body_bytes += len(chunk)
+
+
+class TaskManager:
+    def __init__(self, app: web.Application, config: Config, store: StateStore) -> None:
+        self.app, self.config, self.store = app, config, store
+        self.spool = Path(config.spool_dir) / "tasks"
+        self.consumer = f"{os.uname().nodename}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self.reclaimed: set[asyncio.Task[None]] = set()
+
+    # -- keys and records
+
+    def status_url(self, task_id: str) -> str:
+        return f"{self.config.admin_prefix}/tasks/{task_id}"
+
+    async def load(self, task_id: str) -> Task | None:
+        raw = await self.store.get(f"task:{task_id}")
+        return Task(**json.loads(raw)) if raw else None
+
+    async def save(self, task: Task) -> None:
+        await self.store.set(f"task:{task.id}", json.dumps(asdict(task)).encode(),
+                             ttl=self.config.task_ttl)
+
+    def spool_path(self, task_id: str, kind: str) -> Path:
+        return self.spool / f"{task_id}.{kind}"
+
+    # -- submitting
+
+    def wants_async(self, request: web.Request) -> bool:
+        prefer = request.headers.get("Prefer", "").lower()
+        if "respond-async" in [token.strip().split("=")[0] for token in prefer.split(",")]:
+            return True
+        line = f"{request.method} {request.path}"
+        return any(fnmatch.fnmatchcase(line, pattern) for pattern in self.config.async_route)
+
+    async def submit(self, request: web.Request, outgoing: Outgoing, client: str
+                     ) -> web.StreamResponse:
+        """Store the request (body included) and queue it; 202 with where to look."""
+        if await self.store.queue_length(QUEUE) >= self.config.task_queue_size:
+            raise ProxyError(503, "Service Unavailable: the task queue is full; retry later",
+                             headers={"Retry-After": "5"})
+        headers = [[k, v] for k, v in outgoing.headers.items() if k.lower() != "prefer"]
+        task = Task(secrets.token_urlsafe(24), outgoing.method, outgoing.target, headers,
+                    outgoing.host, client)
+        await self.store_body(request, task)
+        await self.save(task)
+        await self.store.index_add(INDEX, task.id, task.created)
+        await self.store.queue_push(QUEUE, {"task_id": task.id})
+        url = self.status_url(task.id)
+        return json_response({"task_id": task.id, "status": PENDING, "status_url": url},
+                             status=202, headers={"Location": url,
+                                                  "Preference-Applied": "respond-async"})
+
+    async def store_body(self, request: web.Request, task: Task) -> None:
+        """Below the inline threshold in the store, above it in the spool directory."""
+        if not request.body_exists:
+            return
+        kept: list[bytes] = []
+        spooled = None
+        async for chunk in request.content.iter_chunked(CHUNK):
+            task.body_size += len(chunk)
+            if spooled is None and task.body_size > self.config.task_inline_max:
+                self.spool.mkdir(parents=True, exist_ok=True)
+                spooled = open(self.spool_path(task.id, "body"), "wb")  # noqa: SIM115
+                spooled.write(b"".join(kept))
+                kept.clear()
+            if spooled is not None:
+                spooled.write(chunk)
+            else:
+                kept.append(chunk)
+        if spooled is not None:
+            spooled.close()
+            task.body_spooled = True
+        else:
+            await self.store.set(f"task:{task.id}:body", b"".join(kept), ttl=self.config.task_ttl)
+
+    # -- running (every worker)
+
+    async def run_forever(self) -> None:
+        runners = [asyncio.create_task(self.claim_and_run()) for _ in range(
+            self.config.task_concurrency)]
+        runners.append(asyncio.create_task(self.reclaim_forever()))
+        try:
+            await asyncio.gather(*runners)
+        finally:
+            for runner in runners:
+                runner.cancel()
+
+    async def claim_and_run(self) -> None:
+        while True:
+            try:
+                claimed = await self.store.queue_claim(QUEUE, self.consumer, wait=1.0)
+            except StateUnavailable:
+                await asyncio.sleep(1)
+                continue
+            if claimed is not None:
+                await self.run_claimed(*claimed)
+
+    async def reclaim_forever(self) -> None:
+        """Tasks claimed by a worker that died come back after the visibility timeout."""
+        while True:
+            await asyncio.sleep(self.config.task_visibility_timeout / 2)
+            with contextlib.suppress(StateUnavailable):
+                for message_id, item in await self.store.queue_reclaim(
+                        QUEUE, self.consumer, self.config.task_visibility_timeout):
+                    job = asyncio.create_task(self.run_claimed(message_id, item))
+                    self.reclaimed.add(job)
+                    job.add_done_callback(self.reclaimed.discard)
+
+    async def run_claimed(self, message_id: str, item: dict[str, Any]) -> None:
+        task = await self.load(item["task_id"])
+        if task is not None and task.status not in FINAL:
+            runner = asyncio.create_task(self.execute(task))
+            self.running[task.id] = runner
+            try:
+                await self.supervise(task.id, message_id, runner)
+            finally:
+                self.running.pop(task.id, None)
+        await self.store.queue_ack(QUEUE, message_id)
+
+    async def supervise(self, task_id: str, message_id: str, runner: asyncio.Task[None]) -> None:
+        """Keep the claim fresh while it runs; stop it when someone cancelled the task."""
+        while not runner.done():
+            await asyncio.wait({runner}, timeout=1.0)
+            if runner.done():
+                break
+            with contextlib.suppress(StateUnavailable):
+                await self.store.queue_touch(QUEUE, self.consumer, message_id)
+                current = await self.load(task_id)
+                if current is None or current.status == CANCELLED:
+                    runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+
+    async def execute(self, task: Task) -> None:
+        from fileproxy.keys import ADMISSION
+        from fileproxy.proxy import send_with_retries
+
+        task.status, task.started, task.attempts = PROCESSING, time.time(), task.attempts + 1
+        await self.save(task)
+        outgoing = Outgoing(task.method, task.target, CIMultiDict(task.headers),
+                            task.body_size > 0 or task.method not in ("GET", "HEAD"), task.host)
+        body = await self.stored_body(task) if outgoing.has_body else None
+        exchange = Exchange(f"task-{task.id[:8]}", time.monotonic())
+        try:
+            async with self.app[ADMISSION].slot(task.client):
+                upstream, response = await send_with_retries(self.app, outgoing, body, exchange,
+                                                             timeout=self.task_timeout())
+                try:
+                    task.upstream, task.upstream_status = upstream.authority, response.status
+                    task.result_headers = [[k, v] for k, v in response.headers.items()
+                                           if k.lower() not in ("transfer-encoding",)]
+                    await self.keep_result(task, response)
+                finally:
+                    response.release()
+                    upstream.end()
+            task.status = COMPLETED
+        except asyncio.CancelledError:
+            # A user's cancel marked the record first (kept below); otherwise this worker is
+            # stopping: the task goes back to pending and its unacked claim is taken over.
+            task.status, task.error = PENDING, "interrupted; it will run again"
+            raise
+        except ProxyError as error:
+            task.status, task.error = FAILED, error.message
+        except (aiohttp.ClientError, TimeoutError) as error:
+            task.status, task.error = FAILED, f"upstream body cut short: {error!r}"
+        finally:
+            task.finished = time.time()
+            with contextlib.suppress(StateUnavailable):
+                current = await self.load(task.id)
+                if current is not None and current.status == CANCELLED:
+                    task.status = CANCELLED
+                await self.save(task)
+
+    def task_timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=self.config.task_timeout or None,
+                                     sock_connect=self.config.connect_timeout,
+                                     sock_read=self.config.task_read_timeout)
+
+    async def stored_body(self, task: Task) -> StoredBody:
+        if task.body_spooled:
+            return StoredBody(None, self.spool_path(task.id, "body"))
+        return StoredBody(await self.store.get(f"task:{task.id}:body"), None)
+
+    async def keep_result(self, task: Task, response: aiohttp.ClientResponse) -> None:
+        kept: list[bytes] = []
+        spooled = None
+        reported = 0
+        async for chunk in response.content.iter_chunked(CHUNK):
+            task.bytes_received += len(chunk)
+            if spooled is None and task.bytes_received > self.config.task_inline_max:
+                self.spool.mkdir(parents=True, exist_ok=True)
+                spooled = open(self.spool_path(task.id, "result"), "wb")  # noqa: SIM115
+                spooled.write(b"".join(kept))
+                kept.clear()
+            if spooled is not None:
+                spooled.write(chunk)
+            else:
+                kept.append(chunk)
+            if task.bytes_received - reported >= 4 * CHUNK:  # progress for the status endpoint
+                reported = task.bytes_received
+                with contextlib.suppress(StateUnavailable):
+                    await self.save(task)
+        if spooled is not None:
+            spooled.close()
+            task.result_spooled = True
+        else:
+            await self.store.set(f"task:{task.id}:result", b"".join(kept),
+                                 ttl=self.config.task_ttl)
+
+    # -- reading, cancelling, cleaning up
+
+    async def result_body(self, task: Task) -> AsyncIterator[bytes]:
+        if task.result_spooled:
+            with open(self.spool_path(task.id, "result"), "rb") as handle:
+                while chunk := handle.read(CHUNK):
+                    yield chunk
+        else:
+            yield await self.store.get(f"task:{task.id}:result") or b""
+
+    async def cancel(self, task: Task) -> None:
+        task.status, task.finished, task.error = CANCELLED, time.time(), "cancelled"
+        await self.save(task)
+        runner = self.running.get(task.id)
+        if runner is not None:
+            runner.cancel()
+
+    async def remove(self, task_id: str) -> None:
+        await self.store.delete(f"task:{task_id}", f"task:{task_id}:body",
+                                f"task:{task_id}:result")
+        await self.store.index_remove(INDEX, task_id)
+        for kind in ("body", "result"):
+            self.spool_path(task_id, kind).unlink(missing_ok=True)
+
+    async def listing(self, status: str | None, limit: int) -> list[dict[str, Any]]:
+        found = []
+        for task_id, _ in await self.store.index_range(INDEX, 10_000):
+            task = await self.load(task_id)
+            if task is None:
+                await self.store.index_remove(INDEX, task_id)  # expired
+            elif status is None or task.status == status:
+                found.append(task.public(self.status_url(task.id)))
+            if len(found) >= limit:
+                break
+        return found
+
+    async def remove_older_than(self, seconds: float) -> int:
+        old = await self.store.index_range(INDEX, 100_000, max_score=time.time() - seconds)
+        for task_id, _ in old:
+            await self.remove(task_id)
+        return len(old)
+
+
+def task_unavailable(error: StateUnavailable) -> QuietResponse:
+    return QuietResponse(status=503, text=f"503 Service Unavailable: the task store is "
+                                          f"unavailable ({error}); plain proxying still works, "
+                                          "try the task again shortly\n",
+                         headers={"Retry-After": "5"})
+
+
+# ---------------------------------------------------------------- endpoints (under the admin prefix)
+
+def manager_of(request: web.Request) -> TaskManager:
+    from fileproxy.keys import TASKS
+
+    return request.app[TASKS]
+
+
+async def found_task(request: web.Request) -> tuple[TaskManager, Task]:
+    manager = manager_of(request)
+    task = await manager.load(request.match_info["task_id"])
+    if task is None:
+        raise web.HTTPNotFound(text="404 Not Found: no such task (or it expired)\n")
+    return manager, task
+
+
+async def task_status(request: web.Request) -> web.StreamResponse:
+    manager, task = await found_task(request)
+    return json_response(task.public(manager.status_url(task.id)))
+
+
+async def task_result(request: web.Request) -> web.StreamResponse:
+    """The upstream's response as it came: status, end-to-end headers, body streamed."""
+    manager, task = await found_task(request)
+    if task.status != COMPLETED:
+        return json_response(task.public(manager.status_url(task.id)), status=409)
+    response = web.StreamResponse(status=task.upstream_status or 502)
+    for name, value in task.result_headers:
+        if name.lower() not in ("content-length", "connection", "keep-alive"):
+            response.headers.add(name, value)
+    response.content_length = task.bytes_received
+    await response.prepare(request)
+    async for chunk in manager.result_body(task):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+async def task_delete(request: web.Request) -> web.StreamResponse:
+    """Cancels a task that has not finished (its upstream request is stopped), else removes it."""
+    manager, task = await found_task(request)
+    if task.status in FINAL:
+        await manager.remove(task.id)
+        return json_response({"task_id": task.id, "removed": True})
+    await manager.cancel(task)
+    return json_response(task.public(manager.status_url(task.id)))
+
+
+async def task_list(request: web.Request) -> web.StreamResponse:
+    limit = min(int(request.query.get("limit", "100")), 1000)
+    tasks = await manager_of(request).listing(request.query.get("status"), limit)
+    return json_response({"tasks": tasks})
+
+
+async def task_cleanup(request: web.Request) -> web.StreamResponse:
+    from fileproxy.config import parse_seconds
+
+    try:
+        older_than = parse_seconds(request.query.get("older_than", ""))
+    except ValueError:
+        raise web.HTTPBadRequest(text="400 Bad Request: older_than must be a duration such as "
+                                      "24h or 30m\n") from None
+    removed = await manager_of(request).remove_older_than(older_than)
+    return json_response({"removed": removed})
+
+
+def store_errors_as_503(handler: Any) -> Any:
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except StateUnavailable as error:
+            return task_unavailable(error)
+
+    return wrapped
+
+
+def add_task_routes(app: web.Application, prefix: str, guarded: Any) -> None:
+    """The task id is the capability to read a task; listing and cleanup need the admin token."""
+    routes = app.router
+    routes.add_get(f"{prefix}/tasks/{{task_id}}", store_errors_as_503(task_status))
+    routes.add_get(f"{prefix}/tasks/{{task_id}}/result", store_errors_as_503(task_result))
+    routes.add_delete(f"{prefix}/tasks/{{task_id}}", store_errors_as_503(task_delete))
+    routes.add_get(f"{prefix}/tasks", guarded(store_errors_as_503(task_list)))
+    routes.add_delete(f"{prefix}/tasks", guarded(store_errors_as_503(task_cleanup)))
