@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from aiohttp import web
@@ -37,9 +44,52 @@ def run_gunicorn(config: Config) -> int:
         print(f"fileproxy: error: {GUNICORN_CONF} is missing; run from a fileproxy checkout "
               "or use `fileproxy dev`", file=sys.stderr)
         return 2
-    activate(config)
-    GunicornServer().run()
+    with shared_state(config) as config:
+        activate(config)
+        GunicornServer().run()
     return 0
+
+
+@contextlib.contextmanager
+def shared_state(config: Config) -> Iterator[Config]:
+    """Several workers must share state: without --redis-url, start a private redis-server on a
+    unix socket for this run (no persistence); without redis-server, run one worker and say so.
+    Never several workers whose state disagrees."""
+    if config.workers == 1 or config.redis_url:
+        yield config
+        return
+    if shutil.which("redis-server") is None:
+        print(f"fileproxy: no --redis-url and no redis-server installed: running 1 worker "
+              f"(not {config.workers}) with the in-memory store", file=sys.stderr, flush=True)
+        yield config.replace(workers=1)
+        return
+    run_dir = Path(tempfile.mkdtemp(prefix="fileproxy-run-"))
+    sock = run_dir / "redis.sock"
+    redis = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", str(sock),
+                              "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
+                              "--dir", str(run_dir)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    owner = os.getpid()
+    try:
+        wait_for_socket(sock, redis)
+        print(f"fileproxy: {config.workers} workers share a private redis-server at {sock}",
+              file=sys.stderr, flush=True)
+        yield config.replace(redis_url=f"unix://{sock}")
+    finally:
+        # gunicorn's workers are forked inside this block and unwind through it when they
+        # exit: only the master stops the shared redis-server.
+        if os.getpid() == owner:
+            redis.terminate()
+            redis.wait(10)
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def wait_for_socket(path: Path, process: subprocess.Popen[bytes], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"fileproxy: error: the private redis-server did not start ({path})")
+        time.sleep(0.05)
 
 
 def listen_socket(config: Config) -> socket.socket:

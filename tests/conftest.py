@@ -218,7 +218,8 @@ class GunicornProxy:
     def worker_pids(self) -> list[int]:
         import psutil
 
-        return [child.pid for child in psutil.Process(self.process.pid).children()]
+        return [child.pid for child in psutil.Process(self.process.pid).children()
+                if "redis" not in child.name()]  # the private redis-server is a child too
 
 
 @pytest.fixture(scope="session")

@@ -98,3 +98,19 @@ def test_stats_are_the_same_whichever_worker_answers(gunicorn_proxy: GunicornPro
     with urllib.request.urlopen(f"{gunicorn_proxy.url}/_fileproxy/metrics") as response:
         text = response.read().decode()
     assert 'fileproxy_requests_total{outcome="ok",status="200"}' in text
+
+
+def test_workers_share_task_state_through_a_private_redis(gunicorn_proxy: GunicornProxy):
+    """2 workers, no --redis-url: serve starts a private redis-server, so a task submitted to one
+    worker is seen, run and fetched through any of them."""
+    request = urllib.request.Request(f"{gunicorn_proxy.url}/status/203",
+                                     headers={"Prefer": "respond-async", "Connection": "close"})
+    with urllib.request.urlopen(request) as response:
+        assert response.status == 202
+        status_url = response.headers["Location"]
+    for _ in range(100):
+        records = [get_json(gunicorn_proxy.url + status_url) for _ in range(4)]
+        if all(r["status"] == "completed" for r in records):
+            break
+        time.sleep(0.05)
+    assert all(r["status"] == "completed" and r["upstream_status"] == 203 for r in records)
