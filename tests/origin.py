@@ -111,6 +111,39 @@ async def bytes_handler(request: web.Request) -> web.StreamResponse:
     return response
 
 
+CUTS = web.AppKey("cuts", dict)
+
+
+async def flaky_bytes_handler(request: web.Request) -> web.StreamResponse:
+    """/flaky/{size}?cuts=N&key=K: like /bytes (Range, ETag), but the first N responses for K
+    stop a third of the way through and drop the connection."""
+    key = request.query.get("key", "default")
+    record(request, "flaky", range=request.headers.get("Range"))
+    cuts = request.app[CUTS]
+    if cuts.get(key, 0) >= int(request.query.get("cuts", "2")):
+        return await bytes_handler(request)
+    cuts[key] = cuts.get(key, 0) + 1
+    size = int(request.match_info["size"])
+    start = 0
+    wanted = request.headers.get("Range")
+    response = web.StreamResponse(headers={"ETag": f'"{size}-1"', "Accept-Ranges": "bytes"})
+    if wanted and (span := parse_range(wanted, size)) and span[0] < size:
+        start = span[0]
+        response.set_status(206)
+        response.headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+    response.content_length = size - start
+    await response.prepare(request)
+    sent = 0
+    for piece in pattern(start, size - start):
+        await response.write(piece)
+        sent += len(piece)
+        if sent >= (size - start) // 3:
+            break
+    await asyncio.sleep(0.05)
+    request.transport.close()
+    return response
+
+
 async def echo_handler(request: web.Request) -> web.Response:
     """Any method: what arrived (raw target, headers in order, body hash and length)."""
     digest, length = hashlib.sha256(), 0
@@ -242,7 +275,9 @@ def build_origin() -> web.Application:
     app = web.Application(client_max_size=1 << 40, middlewares=[note_peer])
     app[EVENTS] = []
     app[PEERS] = set()
+    app[CUTS] = {}
     app.router.add_get("/bytes/{size}", bytes_handler)
+    app.router.add_get("/flaky/{size}", flaky_bytes_handler)
     app.router.add_route("*", "/echo{tail:.*}", echo_handler)
     app.router.add_route("*", "/status/{code}", status_handler)
     app.router.add_get("/slow-headers", slow_headers_handler)
