@@ -126,6 +126,12 @@ class Metrics:
                                ("upstream",))
         self.pool = gauge("fileproxy_upstream_connections",
                           "Pooled upstream connections by state", ("state",))
+        self.tasks = Counter("fileproxy_tasks", "Async tasks submitted, and finished by state",
+                             ("event",), registry=r)
+        self.tasks_running = gauge("fileproxy_tasks_running", "Async tasks running now")
+        self.task_queue = gauge("fileproxy_task_queue_length",
+                                "Async tasks queued or running, not yet acknowledged",
+                                mode="livemax")
         self._rejected_seen: dict[str, int] = {}
 
     # -- recording, on the request path
@@ -294,6 +300,12 @@ def stats(metrics: Metrics) -> dict[str, Any]:
         "upstreams": upstreams,
         "connection_pool": {state: int(total(s, "fileproxy_upstream_connections", state=state))
                             for state in ("open", "idle", "in_use")},
+        "tasks": {**{sample.labels["event"]: int(sample.value)
+                     for sample in s.get("fileproxy_tasks_total", [])},
+                  "running": int(total(s, "fileproxy_tasks_running")),
+                  "queue_length": int(max((x.value for x in
+                                           s.get("fileproxy_task_queue_length", [])),
+                                          default=0))},
     }
 
 

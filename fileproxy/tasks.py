@@ -136,6 +136,7 @@ class TaskManager:
         await self.save(task)
         await self.store.index_add(INDEX, task.id, task.created)
         await self.store.queue_push(QUEUE, {"task_id": task.id})
+        self.metrics().tasks.labels("submitted").inc()
         url = self.status_url(task.id)
         return json_response({"task_id": task.id, "status": PENDING, "status_url": url},
                              status=202, headers={"Location": url,
@@ -170,6 +171,7 @@ class TaskManager:
         runners = [asyncio.create_task(self.claim_and_run()) for _ in range(
             self.config.task_concurrency)]
         runners.append(asyncio.create_task(self.reclaim_forever()))
+        runners.append(asyncio.create_task(self.sample_queue_forever()))
         try:
             await asyncio.gather(*runners)
         finally:
@@ -185,6 +187,11 @@ class TaskManager:
                 continue
             if claimed is not None:
                 await self.run_claimed(*claimed)
+
+    async def sample_queue_forever(self) -> None:
+        while True:
+            await self.sample_queue()
+            await asyncio.sleep(2)
 
     async def reclaim_forever(self) -> None:
         """Tasks claimed by a worker that died come back after the visibility timeout."""
@@ -228,6 +235,8 @@ class TaskManager:
 
         task.status, task.started, task.attempts = PROCESSING, time.time(), task.attempts + 1
         await self.save(task)
+        metrics = self.metrics()
+        metrics.tasks_running.inc()
         outgoing = Outgoing(task.method, task.target, CIMultiDict(task.headers),
                             task.body_size > 0 or task.method not in ("GET", "HEAD"), task.host)
         body = await self.stored_body(task) if outgoing.has_body else None
@@ -255,12 +264,24 @@ class TaskManager:
         except (aiohttp.ClientError, TimeoutError) as error:
             task.status, task.error = FAILED, f"upstream body cut short: {error!r}"
         finally:
+            metrics.tasks_running.dec()
             task.finished = time.time()
             with contextlib.suppress(StateUnavailable):
                 current = await self.load(task.id)
                 if current is not None and current.status == CANCELLED:
                     task.status = CANCELLED
                 await self.save(task)
+            metrics.tasks.labels(task.status).inc()
+
+    def metrics(self) -> Any:
+        from fileproxy.keys import METRICS
+
+        return self.app[METRICS]
+
+    async def sample_queue(self) -> None:
+        """For the metrics: the queue length, read from the store now and then."""
+        with contextlib.suppress(StateUnavailable):
+            self.metrics().task_queue.set(await self.store.queue_length(QUEUE))
 
     def task_timeout(self) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(total=self.config.task_timeout or None,

@@ -114,3 +114,29 @@ def test_workers_share_task_state_through_a_private_redis(gunicorn_proxy: Gunico
             break
         time.sleep(0.05)
     assert all(r["status"] == "completed" and r["upstream_status"] == 203 for r in records)
+
+
+def test_without_redis_server_it_runs_one_worker_and_says_so(origin_process: str, tmp_path):
+    """Several workers need shared state: with no --redis-url and no redis-server on PATH,
+    serve runs one worker with the in-memory store and says so in one line."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port, start_process, stop
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        process = start_process(
+            [sys.executable, "-m", "fileproxy", "serve", "--upstream", origin_process, "--bind",
+             f"127.0.0.1:{port}", "--workers", "3", "--no-access-log"],
+            f"http://127.0.0.1:{port}/_fileproxy/health",
+            env={**os.environ, "PATH": str(tmp_path)}, stderr=out, stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(1)
+        workers = [c for c in psutil.Process(process.pid).children()]
+        assert len(workers) == 1
+        assert "running 1 worker (not 3) with the in-memory store" in log.read_text()
+    finally:
+        stop(process)

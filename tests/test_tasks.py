@@ -79,6 +79,10 @@ async def test_cancel_stops_the_upstream_call(origin, make_proxy, client):
     async with client.get(f"{proxy.url}/slow-headers?delay=30", headers=ASYNC) as response:
         status_url = (await response.json())["status_url"]
     await wait_status(client, proxy.url + status_url, {"processing"})
+    for _ in range(100):  # until the upstream has the request in hand
+        if origin.connections():
+            break
+        await asyncio.sleep(0.02)
     async with client.delete(proxy.url + status_url) as response:
         assert (await response.json())["status"] == "cancelled"
     for _ in range(60):
@@ -139,3 +143,26 @@ async def test_a_task_whose_worker_stopped_runs_again_elsewhere(origin, make_pro
     second = await make_proxy(origin.url, **settings)
     record = await wait_status(client, second.url + status_url, {"completed"}, seconds=15)
     assert record["attempts"] == 2 and record["upstream_status"] == 200
+
+
+async def test_listing_metrics_full_queue_and_a_spooled_body(origin, make_proxy, client, tmp_path):
+    proxy = await make_proxy(origin.url, task_inline_max=64 * 1024, spool_dir=str(tmp_path),
+                             task_queue_size=2, task_concurrency=1)
+    big = b"B" * (2 * 1024 * 1024 + 1)
+    async with client.put(f"{proxy.url}/echo/big", data=big, headers=ASYNC) as response:
+        big_url = (await response.json())["status_url"]
+    await wait_status(client, proxy.url + big_url, {"completed"})
+    async with client.get(proxy.url + big_url + "/result") as response:
+        assert (await response.json())["body_sha256"] == hashlib.sha256(big).hexdigest()
+    # one task running, one queued: the queue is full
+    for _ in range(2):
+        async with client.get(f"{proxy.url}/slow-headers?delay=2", headers=ASYNC) as response:
+            assert response.status == 202
+    async with client.get(f"{proxy.url}/status/200", headers=ASYNC) as response:
+        assert response.status == 503 and response.headers["Retry-After"]
+    async with client.get(f"{proxy.url}/_fileproxy/tasks?status=completed&limit=10") as response:
+        listed = (await response.json())["tasks"]
+    assert [t["status_url"] for t in listed] == [big_url]
+    async with client.get(f"{proxy.url}/_fileproxy/stats") as response:
+        tasks = (await response.json())["tasks"]
+    assert tasks["submitted"] == 3 and tasks["completed"] == 1 and tasks["running"] == 1
