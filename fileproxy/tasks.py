@@ -69,6 +69,39 @@ class Task:
                 "bytes_received": self.bytes_received}
 
 
+class Spill:
+    """Keeps bytes in memory up to `limit`, then moves them (and all that follows) to a file."""
+
+    def __init__(self, limit: int, path: Path) -> None:
+        self.limit, self.path = limit, path
+        self.kept: list[bytes] = []
+        self.size = 0
+        self.file: Any = None
+
+    @property
+    def spilled(self) -> bool:
+        return self.file is not None
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.file is None and self.size > self.limit:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+            self.file.write(b"".join(self.kept))
+            self.kept.clear()
+        if self.file is not None:
+            self.file.write(chunk)
+        else:
+            self.kept.append(chunk)
+
+    def close(self) -> bytes | None:
+        """The bytes kept in memory, or None when they went to the file."""
+        if self.file is not None:
+            self.file.close()
+            return None
+        return b"".join(self.kept)
+
+
 class StoredBody(ForwardedBody):
     """A task's request body, from the store or the spool: it can be sent again."""
 
@@ -146,24 +179,22 @@ class TaskManager:
         """Below the inline threshold in the store, above it in the spool directory."""
         if not request.body_exists:
             return
-        kept: list[bytes] = []
-        spooled = None
-        async for chunk in request.content.iter_chunked(CHUNK):
-            task.body_size += len(chunk)
-            if spooled is None and task.body_size > self.config.task_inline_max:
-                self.spool.mkdir(parents=True, exist_ok=True)
-                spooled = open(self.spool_path(task.id, "body"), "wb")  # noqa: SIM115
-                spooled.write(b"".join(kept))
-                kept.clear()
-            if spooled is not None:
-                spooled.write(chunk)
-            else:
-                kept.append(chunk)
-        if spooled is not None:
-            spooled.close()
-            task.body_spooled = True
-        else:
-            await self.store.set(f"task:{task.id}:body", b"".join(kept), ttl=self.config.task_ttl)
+        async with self.keeper(task, "body") as keep:
+            async for chunk in request.content.iter_chunked(CHUNK):
+                task.body_size += len(chunk)
+                keep.write(chunk)
+        task.body_spooled = keep.spilled
+
+    @contextlib.asynccontextmanager
+    async def keeper(self, task: Task, kind: str) -> AsyncIterator[Spill]:
+        """Bytes written inside the block end up in the store (small) or the spool (large)."""
+        keep = Spill(self.config.task_inline_max, self.spool_path(task.id, kind))
+        try:
+            yield keep
+        finally:
+            kept = keep.close()
+        if kept is not None:
+            await self.store.set(f"task:{task.id}:{kind}", kept, ttl=self.config.task_ttl)
 
     # -- running (every worker)
 
@@ -294,30 +325,16 @@ class TaskManager:
         return StoredBody(await self.store.get(f"task:{task.id}:body"), None)
 
     async def keep_result(self, task: Task, response: aiohttp.ClientResponse) -> None:
-        kept: list[bytes] = []
-        spooled = None
         reported = 0
-        async for chunk in response.content.iter_chunked(CHUNK):
-            task.bytes_received += len(chunk)
-            if spooled is None and task.bytes_received > self.config.task_inline_max:
-                self.spool.mkdir(parents=True, exist_ok=True)
-                spooled = open(self.spool_path(task.id, "result"), "wb")  # noqa: SIM115
-                spooled.write(b"".join(kept))
-                kept.clear()
-            if spooled is not None:
-                spooled.write(chunk)
-            else:
-                kept.append(chunk)
-            if task.bytes_received - reported >= 4 * CHUNK:  # progress for the status endpoint
-                reported = task.bytes_received
-                with contextlib.suppress(StateUnavailable):
-                    await self.save(task)
-        if spooled is not None:
-            spooled.close()
-            task.result_spooled = True
-        else:
-            await self.store.set(f"task:{task.id}:result", b"".join(kept),
-                                 ttl=self.config.task_ttl)
+        async with self.keeper(task, "result") as keep:
+            async for chunk in response.content.iter_chunked(CHUNK):
+                task.bytes_received += len(chunk)
+                keep.write(chunk)
+                if task.bytes_received - reported >= 4 * CHUNK:  # progress for the status call
+                    reported = task.bytes_received
+                    with contextlib.suppress(StateUnavailable):
+                        await self.save(task)
+        task.result_spooled = keep.spilled
 
     # -- reading, cancelling, cleaning up
 
