@@ -140,3 +140,46 @@ def test_without_redis_server_it_runs_one_worker_and_says_so(origin_process: str
         assert "running 1 worker (not 3) with the in-memory store" in log.read_text()
     finally:
         stop(process)
+
+
+def test_task_survives_its_worker_being_killed(origin_process: str):
+    """SIGKILL the gunicorn workers while a task runs: new workers take its claim over after the
+    visibility timeout and the task completes."""
+    import os
+    import signal
+    import sys
+
+    from tests.conftest import free_port, start_process, stop
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_process(
+        [sys.executable, "-m", "fileproxy", "serve", "--upstream", origin_process, "--bind",
+         f"127.0.0.1:{port}", "--workers", "2", "--no-access-log",
+         "--task-visibility-timeout", "1"], f"{url}/_fileproxy/health")
+    try:
+        request = urllib.request.Request(f"{url}/slow-headers?delay=2",
+                                         headers={"Prefer": "respond-async"})
+        with urllib.request.urlopen(request) as response:
+            status_url = response.headers["Location"]
+        for _ in range(100):
+            if get_json(url + status_url)["status"] == "processing":
+                break
+            time.sleep(0.05)
+        workers = [c.pid for c in psutil.Process(process.pid).children()
+                   if "redis" not in c.name()]
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        record = {}
+        for _ in range(300):
+            try:
+                record = get_json(url + status_url)
+            except OSError:
+                pass  # no worker up for a moment
+            if record.get("status") == "completed":
+                break
+            time.sleep(0.05)
+        assert record.get("status") == "completed" and record["upstream_status"] == 200
+        assert record["attempts"] >= 2
+    finally:
+        stop(process)
