@@ -68,7 +68,7 @@ def shared_state(config: Config) -> Iterator[Config]:
     redis = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", str(sock),
                               "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
                               "--dir", str(run_dir)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+                             stderr=subprocess.DEVNULL)  # our process group: it goes when we go
     owner = os.getpid()
     try:
         wait_for_socket(sock, redis)
