@@ -9,9 +9,10 @@ from aiohttp import web
 
 from fileproxy import __version__
 from fileproxy.config import Config
-from fileproxy.keys import CONFIG, METRICS, UPSTREAMS
+from fileproxy.keys import CONFIG, METRICS, STORE, UPSTREAMS
 from fileproxy.metrics import stats
 from fileproxy.responses import QuietResponse, json_response
+from fileproxy.state import StateUnavailable
 from fileproxy.tasks import add_task_routes
 
 AdminHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -24,13 +25,26 @@ async def health(request: web.Request) -> QuietResponse:
 
 
 async def ready(request: web.Request) -> QuietResponse:
-    """Readiness: at least one upstream is neither unhealthy nor ejected by its breaker."""
+    """Readiness: at least one upstream is neither unhealthy nor ejected by its breaker, and
+    Redis answers when one is configured."""
     upstreams = request.app[UPSTREAMS]
     members = {u.authority: {"healthy": u.healthy,
                              "circuit": u.breaker.state if u.breaker else "closed"}
                for u in upstreams.members}
-    is_ready = upstreams.ready()
-    return json_response({"ready": is_ready, "upstreams": members}, status=200 if is_ready else 503)
+    state = await state_reachable(request.app)
+    is_ready = upstreams.ready() and state != "unreachable"
+    return json_response({"ready": is_ready, "upstreams": members, "state_store": state},
+                         status=200 if is_ready else 503)
+
+
+async def state_reachable(app: web.Application) -> str:
+    if not app[CONFIG].redis_url:
+        return "memory"
+    try:
+        await app[STORE].ping()
+    except StateUnavailable:
+        return "unreachable"
+    return "redis"
 
 
 async def not_found(request: web.Request) -> QuietResponse:

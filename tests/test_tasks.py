@@ -104,10 +104,14 @@ async def test_async_route_for_clients_without_the_header(origin, make_proxy, cl
 async def test_redis_down_tasks_503_plain_proxying_works(origin, make_proxy, client,
                                                          redis_server):
     proxy = await make_proxy(origin.url, **redis_settings(redis_server))
+    async with client.get(f"{proxy.url}/_fileproxy/ready") as response:
+        assert (await response.json())["state_store"] == "redis"
     redis_server.stop()
     try:
         async with client.get(f"{proxy.url}/status/200", headers=ASYNC) as response:
             assert response.status == 503 and "task store is unavailable" in await response.text()
+        async with client.get(f"{proxy.url}/_fileproxy/ready") as response:
+            assert response.status == 503, "not ready while Redis is unreachable"
         async with client.get(f"{proxy.url}/status/200") as response:
             assert response.status == 200
     finally:
