@@ -14,6 +14,7 @@ from fileproxy.metrics import stats
 from fileproxy.responses import QuietResponse, json_response
 from fileproxy.state import StateUnavailable
 from fileproxy.tasks import add_task_routes
+from fileproxy.uploads import add_upload_routes
 
 AdminHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Refresh = Callable[[web.Application], None]
@@ -75,6 +76,7 @@ def add_admin_routes(app: web.Application, config: Config, refresh: Refresh) -> 
                               ("/proxy-health", ready)):
             app.router.add_get(path, guarded(handler))
     add_task_routes(app, prefix, guarded)
+    add_upload_routes(app, prefix)
     app.router.add_route("*", prefix + "{tail:(/.*)?}", guarded(not_found))
 
 

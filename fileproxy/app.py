@@ -13,12 +13,13 @@ from fileproxy.admin import add_admin_routes
 from fileproxy.admission import Admission
 from fileproxy.config import Config, active_config
 from fileproxy.health import HealthChecker
-from fileproxy.keys import ADMISSION, CONFIG, METRICS, RETRY, SESSION, STORE, TASKS, UPSTREAMS
+from fileproxy.keys import ADMISSION, CONFIG, METRICS, RETRY, SESSION, STORE, TASKS, UPLOADS, UPSTREAMS
 from fileproxy.metrics import Metrics
 from fileproxy.proxy import defer_expect, proxy_handler, route_every_target
 from fileproxy.retry import RetryPolicy
 from fileproxy.state import open_store
 from fileproxy.tasks import TaskManager
+from fileproxy.uploads import Uploads
 from fileproxy.upstream import close_client_if_spliced, make_session
 from fileproxy.upstreams import Upstreams
 
@@ -35,6 +36,7 @@ async def state_and_tasks(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = app[STORE] = open_store(config.redis_url, config.state_prefix)
     manager = app[TASKS] = TaskManager(app, config, store)
+    app[UPLOADS] = Uploads(config, store)
     runner = asyncio.create_task(manager.run_forever())
     yield
     runner.cancel()

@@ -318,6 +318,18 @@ class Config:
         30.0, positive(parse_seconds),
         "a task claimed by a worker that stopped answering is run again after this",
         metavar="SECONDS")
+    # -- resumable uploads (tus 1.0)
+    upload_max_size: int = setting(100 * 1024**3, positive(parse_size),
+                                   "largest resumable upload", metavar="SIZE")
+    upload_spool_quota: int = setting(200 * 1024**3, positive(parse_size),
+                                      "spool space all unfinished uploads may take (beyond: "
+                                      "507)", metavar="SIZE")
+    upload_ttl: float = setting(86400.0, positive(parse_seconds),
+                                "an unfinished upload expires this long after creation",
+                                metavar="SECONDS")
+    upload_delivery_wait: float = setting(5.0, parse_seconds,
+                                          "how long the final PATCH waits for the upstream's "
+                                          "answer before returning", metavar="SECONDS")
     splice: bool = setting(True, parse_bool,
                            "relay large Content-Length bodies zero-copy with splice (Linux), both ways")
     host_header: str = setting("preserve", choice("preserve", "upstream"),

@@ -10,6 +10,7 @@ from fileproxy.metrics import Metrics
 from fileproxy.retry import RetryPolicy
 from fileproxy.state import StateStore
 from fileproxy.tasks import TaskManager
+from fileproxy.uploads import Uploads
 from fileproxy.upstreams import Upstreams
 
 CONFIG = web.AppKey("config", Config)
@@ -20,3 +21,4 @@ RETRY = web.AppKey("retry", RetryPolicy)
 METRICS = web.AppKey("metrics", Metrics)
 STORE = web.AppKey("store", StateStore)
 TASKS = web.AppKey("tasks", TaskManager)
+UPLOADS = web.AppKey("uploads", Uploads)

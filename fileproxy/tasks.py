@@ -175,6 +175,20 @@ class TaskManager:
                              status=202, headers={"Location": url,
                                                   "Preference-Applied": "respond-async"})
 
+    async def submit_file(self, method: str, target: str, headers: list[list[str]], path: Path,
+                          size: int, client: str) -> Task:
+        """Queue a request whose body is a finished file (a completed upload): the file moves
+        into the task spool."""
+        task = Task(secrets.token_urlsafe(24), method, target, headers, None, client,
+                    body_size=size, body_spooled=True)
+        self.spool.mkdir(parents=True, exist_ok=True)
+        os.replace(path, self.spool_path(task.id, "body"))
+        await self.save(task)
+        await self.store.index_add(INDEX, task.id, task.created)
+        await self.store.queue_push(QUEUE, {"task_id": task.id})
+        self.metrics().tasks.labels("submitted").inc()
+        return task
+
     async def store_body(self, request: web.Request, task: Task) -> None:
         """Below the inline threshold in the store, above it in the spool directory."""
         if not request.body_exists:

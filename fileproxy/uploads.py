@@ -1,0 +1,305 @@
+"""Resumable uploads (tus 1.0: core, creation, creation-with-upload, termination, checksum,
+expiration) under the admin prefix. Sessions live in the state store, bytes in the spool (fsync'd
+before the offset advances); a finished upload is delivered upstream as one ordinary request through
+the async task machinery."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from fileproxy.config import Config
+from fileproxy.responses import QuietResponse
+from fileproxy.state import Locked, StateStore, StateUnavailable
+
+TUS_VERSION = "1.0.0"
+EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
+CHECKSUMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "md5": hashlib.md5}
+OFFSET_TYPE = "application/offset+octet-stream"
+CHUNK = 256 * 1024
+
+
+@dataclass
+class Upload:
+    id: str
+    length: int
+    metadata: dict[str, str]
+    created: float = field(default_factory=time.time)
+    expires: float = 0.0
+    offset: int = 0
+    task_id: str | None = None
+
+
+def tus_headers(**extra: str) -> dict[str, str]:
+    return {"Tus-Resumable": TUS_VERSION, "Cache-Control": "no-store", **extra}
+
+
+class TusError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+    def response(self) -> QuietResponse:
+        return QuietResponse(status=self.status, text=f"{self.status} {self.message}\n",
+                             headers=tus_headers())
+
+
+def parse_metadata(header: str) -> dict[str, str]:
+    """Upload-Metadata: `key base64value, key2 base64value2` (a value may be absent)."""
+    metadata = {}
+    for pair in filter(None, (part.strip() for part in header.split(","))):
+        key, _, encoded = pair.partition(" ")
+        try:
+            metadata[key] = base64.b64decode(encoded, validate=True).decode() if encoded else ""
+        except ValueError:
+            raise TusError(400, f"Bad Request: Upload-Metadata value for {key!r} is not "
+                                "base64") from None
+    return metadata
+
+
+class Uploads:
+    def __init__(self, config: Config, store: StateStore) -> None:
+        self.config, self.store = config, store
+        self.spool = Path(config.spool_dir) / "uploads"
+
+    def path(self, upload_id: str) -> Path:
+        return self.spool / f"{upload_id}.part"
+
+    def url(self, upload_id: str) -> str:
+        return f"{self.config.admin_prefix}/uploads/{upload_id}"
+
+    async def load(self, upload_id: str) -> Upload:
+        raw = await self.store.get(f"upload:{upload_id}")
+        if raw is None:
+            raise TusError(404, "Not Found: no such upload (or it expired)")
+        upload = Upload(**json.loads(raw))
+        if upload.expires and upload.expires < time.time():
+            raise TusError(410, "Gone: this upload expired")
+        return upload
+
+    async def save(self, upload: Upload) -> None:
+        ttl = max(1.0, upload.expires - time.time()) + 3600 if upload.expires else None
+        await self.store.set(f"upload:{upload.id}", json.dumps(asdict(upload)).encode(), ttl=ttl)
+
+    async def spool_in_use(self) -> int:
+        return int(await self.store.incr("uploads:spool-bytes", 0))
+
+    async def create(self, request: web.Request) -> Upload:
+        check_version(request)
+        length_header = request.headers.get("Upload-Length", "")
+        if not length_header.isdigit():
+            raise TusError(400, "Bad Request: Upload-Length must be a whole number of bytes")
+        length = int(length_header)
+        if length > self.config.upload_max_size:
+            raise TusError(413, f"Request Entity Too Large: the limit is "
+                                f"{self.config.upload_max_size} bytes")
+        if await self.spool_in_use() + length > self.config.upload_spool_quota:
+            raise TusError(507, "Insufficient Storage: the upload spool is full; retry later")
+        metadata = parse_metadata(request.headers.get("Upload-Metadata", ""))
+        if not metadata.get("target", "").startswith("/"):
+            raise TusError(400, "Bad Request: Upload-Metadata needs `target`, the upstream path "
+                                "the finished file goes to")
+        upload = Upload(secrets.token_urlsafe(24), length, metadata,
+                        expires=time.time() + self.config.upload_ttl)
+        self.spool.mkdir(parents=True, exist_ok=True)
+        self.path(upload.id).touch()
+        await self.store.incr("uploads:spool-bytes", length)
+        await self.save(upload)
+        return upload
+
+    async def append(self, request: web.Request, upload: Upload) -> Upload:
+        """Write the PATCH body at the upload's offset, fsync'd; a checksum mismatch (460)
+        discards the chunk. Concurrent PATCHes to one upload: the loser gets 423."""
+        check_version(request)
+        if request.content_type != OFFSET_TYPE:
+            raise TusError(415, f"Unsupported Media Type: PATCH bodies are {OFFSET_TYPE}")
+        offset = request.headers.get("Upload-Offset", "")
+        if not offset.isdigit() or int(offset) != upload.offset:
+            raise TusError(409, f"Conflict: Upload-Offset must be {upload.offset}")
+        digest, expected = checksum_of(request.headers.get("Upload-Checksum"))
+        try:
+            async with self.store.lock(f"upload:{upload.id}", ttl=3600):
+                upload = await self.load(upload.id)  # the offset as it is now, under the lock
+                if int(offset) != upload.offset:
+                    raise TusError(409, f"Conflict: Upload-Offset must be {upload.offset}")
+                return await self.write_chunk(request, upload, digest, expected)
+        except Locked:
+            raise TusError(423, "Locked: another PATCH to this upload is running") from None
+
+    async def write_chunk(self, request: web.Request, upload: Upload, digest: Any,
+                          expected: bytes | None) -> Upload:
+        start = upload.offset
+        with open(self.path(upload.id), "r+b") as handle:
+            handle.seek(start)
+            try:
+                async for chunk in request.content.iter_chunked(CHUNK):
+                    if upload.offset + len(chunk) > upload.length:
+                        raise TusError(413, "Request Entity Too Large: more bytes than "
+                                            "Upload-Length")
+                    handle.write(chunk)
+                    if digest is not None:
+                        digest.update(chunk)
+                    upload.offset += len(chunk)
+                    if digest is None and upload.offset - start >= 8 * CHUNK:
+                        await self.persist(handle, upload)
+                        start = upload.offset
+            finally:
+                if digest is None:
+                    await self.persist(handle, upload)  # what arrived before a drop is kept
+            if digest is not None:
+                if digest.digest() != expected:
+                    handle.truncate(start)
+                    raise TusError(460, "Checksum Mismatch: the chunk was discarded")
+                await self.persist(handle, upload)
+        return upload
+
+    async def persist(self, handle: Any, upload: Upload) -> None:
+        """fsync first, then advance the stored offset: a crash never reports unkept bytes."""
+        handle.flush()
+        os.fsync(handle.fileno())
+        await self.save(upload)
+
+    async def terminate(self, upload: Upload) -> None:
+        await self.store.delete(f"upload:{upload.id}")
+        await self.store.incr("uploads:spool-bytes", -upload.length)
+        self.path(upload.id).unlink(missing_ok=True)
+
+
+def check_version(request: web.Request) -> None:
+    if request.headers.get("Tus-Resumable") != TUS_VERSION:
+        raise TusError(412, f"Precondition Failed: Tus-Resumable {TUS_VERSION} is required")
+
+
+def checksum_of(header: str | None) -> tuple[Any, bytes | None]:
+    if not header:
+        return None, None
+    algorithm, _, encoded = header.partition(" ")
+    if algorithm not in CHECKSUMS:
+        raise TusError(400, f"Bad Request: checksum algorithm {algorithm!r} is not supported")
+    try:
+        return CHECKSUMS[algorithm](), base64.b64decode(encoded, validate=True)
+    except ValueError:
+        raise TusError(400, "Bad Request: Upload-Checksum is not base64") from None
+
+
+def expires_header(upload: Upload) -> dict[str, str]:
+    return {"Upload-Expires": formatdate(upload.expires, usegmt=True)} if upload.expires else {}
+
+
+# ---------------------------------------------------------------- endpoints
+
+def uploads_of(request: web.Request) -> Uploads:
+    from fileproxy.keys import UPLOADS
+
+    return request.app[UPLOADS]
+
+
+async def options(request: web.Request) -> web.StreamResponse:
+    config = uploads_of(request).config
+    return QuietResponse(status=204, headers=tus_headers(
+        **{"Tus-Version": TUS_VERSION, "Tus-Extension": EXTENSIONS,
+           "Tus-Max-Size": str(config.upload_max_size),
+           "Tus-Checksum-Algorithm": ",".join(CHECKSUMS)}))
+
+
+async def create(request: web.Request) -> web.StreamResponse:
+    uploads = uploads_of(request)
+    upload = await uploads.create(request)
+    headers = tus_headers(Location=uploads.url(upload.id), **expires_header(upload))
+    if request.body_exists and request.content_type == OFFSET_TYPE:  # creation-with-upload
+        upload = await uploads.append(request, upload)
+        headers["Upload-Offset"] = str(upload.offset)
+        headers.update(await finish_if_complete(request, uploads, upload))
+    return QuietResponse(status=201, headers=headers)
+
+
+async def head(request: web.Request) -> web.StreamResponse:
+    uploads = uploads_of(request)
+    upload = await uploads.load(request.match_info["upload_id"])
+    metadata = ",".join(f"{key} {base64.b64encode(value.encode()).decode()}"
+                        for key, value in upload.metadata.items())
+    return QuietResponse(status=200, headers=tus_headers(
+        **{"Upload-Offset": str(upload.offset), "Upload-Length": str(upload.length),
+           "Upload-Metadata": metadata}, **expires_header(upload)))
+
+
+async def patch(request: web.Request) -> web.StreamResponse:
+    uploads = uploads_of(request)
+    upload = await uploads.load(request.match_info["upload_id"])
+    upload = await uploads.append(request, upload)
+    headers = tus_headers(**{"Upload-Offset": str(upload.offset)}, **expires_header(upload))
+    headers.update(await finish_if_complete(request, uploads, upload))
+    return QuietResponse(status=204, headers=headers)
+
+
+async def delete(request: web.Request) -> web.StreamResponse:
+    check_version(request)
+    uploads = uploads_of(request)
+    await uploads.terminate(await uploads.load(request.match_info["upload_id"]))
+    return QuietResponse(status=204, headers=tus_headers())
+
+
+async def finish_if_complete(request: web.Request, uploads: Uploads,
+                             upload: Upload) -> dict[str, str]:
+    """The last byte is in: deliver the file upstream as one request (an async task), and say
+    what the upstream answered if it answers within --upload-delivery-wait."""
+    if upload.offset != upload.length or upload.task_id is not None:
+        return {}
+    from fileproxy.keys import TASKS
+
+    tasks = request.app[TASKS]
+    metadata = upload.metadata
+    headers = [[name, value] for name, value in
+               (("Content-Type", metadata.get("filetype", "application/octet-stream")),
+                ("Content-Length", str(upload.length)))]
+    task = await tasks.submit_file(metadata.get("method", "PUT").upper(), metadata["target"],
+                                   headers, uploads.path(upload.id), upload.length,
+                                   request.remote or "-")
+    await uploads.store.incr("uploads:spool-bytes", -upload.length)
+    upload.task_id = task.id
+    await uploads.save(upload)
+    answer = {"Fileproxy-Delivery": tasks.status_url(task.id)}
+    deadline = time.monotonic() + uploads.config.upload_delivery_wait
+    while time.monotonic() < deadline:
+        current = await tasks.load(task.id)
+        if current is not None and current.status in ("completed", "failed"):
+            answer["Fileproxy-Upstream-Status"] = str(current.upstream_status or 502)
+            break
+        await asyncio.sleep(0.05)
+    return answer
+
+
+def tus_errors(handler: Any) -> Any:
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except TusError as error:
+            return error.response()
+        except StateUnavailable as error:
+            return QuietResponse(status=503, text=f"503 Service Unavailable: the upload store "
+                                                  f"is unavailable ({error}); retry shortly\n",
+                                 headers=tus_headers(**{"Retry-After": "5"}))
+
+    return wrapped
+
+
+def add_upload_routes(app: web.Application, prefix: str) -> None:
+    base = f"{prefix}/uploads"
+    routes = app.router
+    routes.add_route("OPTIONS", base, tus_errors(options))
+    routes.add_route("OPTIONS", base + "/{upload_id}", tus_errors(options))
+    routes.add_post(base, tus_errors(create))
+    routes.add_route("HEAD", base + "/{upload_id}", tus_errors(head))
+    routes.add_route("PATCH", base + "/{upload_id}", tus_errors(patch))
+    routes.add_delete(base + "/{upload_id}", tus_errors(delete))

@@ -1,0 +1,169 @@
+"""Resumable uploads (tus 1.0) through fileproxy: protocol details, drops mid-PATCH, delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+
+import pytest
+
+from tests.origin import pattern
+
+TUS = {"Tus-Resumable": "1.0.0"}
+MIB = 1024 * 1024
+
+
+def metadata(**values: str) -> str:
+    return ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in values.items())
+
+
+async def create(client, proxy, length: int, **meta: str) -> str:
+    headers = {**TUS, "Upload-Length": str(length),
+               "Upload-Metadata": metadata(target="/echo/uploaded", **meta)}
+    async with client.post(f"{proxy.url}/_fileproxy/uploads", headers=headers) as response:
+        assert response.status == 201, await response.text()
+        assert response.headers["Tus-Resumable"] == "1.0.0" and "Upload-Expires" in response.headers
+        return proxy.url + response.headers["Location"]
+
+
+async def offset_of(client, url: str) -> int:
+    async with client.head(url, headers=TUS) as response:
+        assert response.status == 200 and response.headers["Cache-Control"] == "no-store"
+        return int(response.headers["Upload-Offset"])
+
+
+async def patch(client, url: str, offset: int, data: bytes, **headers: str):
+    return await client.patch(url, data=data, headers={
+        **TUS, "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream",
+        **headers})
+
+
+async def test_discovery(proxy, client):
+    async with client.options(f"{proxy.url}/_fileproxy/uploads") as response:
+        assert response.status == 204
+        assert response.headers["Tus-Version"] == "1.0.0"
+        assert set(response.headers["Tus-Extension"].split(",")) >= {
+            "creation", "creation-with-upload", "termination", "checksum", "expiration"}
+        assert {"sha1", "sha256"} <= set(response.headers["Tus-Checksum-Algorithm"].split(","))
+        assert int(response.headers["Tus-Max-Size"]) > 0
+
+
+async def test_upload_cut_mid_patch_resumes_and_arrives_once_byte_exact(origin, proxy, client):
+    size = 24 * MIB + 5
+    body = b"".join(pattern(0, size, seed=11))
+    url = await create(client, proxy, size, filetype="application/x-test", filename="f.bin")
+    path = url.split("//", 1)[1].split("/", 1)[1]
+    for cut in range(3):  # send part of a PATCH, then drop the connection
+        offset = await offset_of(client, url)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(f"PATCH /{path} HTTP/1.1\r\nHost: t\r\nTus-Resumable: 1.0.0\r\n"
+                     f"Upload-Offset: {offset}\r\nContent-Type: application/offset+octet-stream\r\n"
+                     f"Content-Length: {size - offset}\r\n\r\n".encode())
+        writer.write(body[offset:offset + 5 * MIB + cut * 1000])
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.transport.abort()
+        await asyncio.sleep(0.2)
+        assert await offset_of(client, url) > offset, "what arrived before the drop was kept"
+    offset = await offset_of(client, url)
+    async with await patch(client, url, offset, body[offset:]) as response:
+        assert response.status == 204 and int(response.headers["Upload-Offset"]) == size
+        delivery = response.headers["Fileproxy-Delivery"]
+        assert response.headers["Fileproxy-Upstream-Status"] == "200"
+    async with client.get(proxy.url + delivery + "/result") as response:
+        echoed = await response.json()
+    assert echoed["method"] == "PUT" and echoed["raw_path"] == "/echo/uploaded"
+    assert echoed["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert ["Content-Type", "application/x-test"] in echoed["headers"]
+    assert len(origin.events("body-complete")) == 1, "delivered once"
+
+
+async def test_protocol_errors(origin, make_proxy, client):
+    proxy = await make_proxy(origin.url, upload_max_size=10 * MIB)
+    url = await create(client, proxy, 100)
+    async with await patch(client, url, 5, b"x") as response:
+        assert response.status == 409
+    async with client.patch(url, data=b"x", headers={**TUS, "Upload-Offset": "0",
+                                                       "Content-Type": "text/plain"}) as response:
+        assert response.status == 415
+    async with client.patch(url, data=b"x", headers={
+            "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}) as response:
+        assert response.status == 412
+    wrong = base64.b64encode(hashlib.sha1(b"other").digest()).decode()
+    async with await patch(client, url, 0, b"abc", **{"Upload-Checksum": f"sha1 {wrong}"}) as r:
+        assert r.status == 460
+    assert await offset_of(client, url) == 0, "a mismatched chunk is discarded"
+    right = base64.b64encode(hashlib.sha256(b"abc").digest()).decode()
+    async with await patch(client, url, 0, b"abc", **{"Upload-Checksum": f"sha256 {right}"}) as r:
+        assert r.status == 204 and r.headers["Upload-Offset"] == "3"
+    async with client.post(f"{proxy.url}/_fileproxy/uploads", headers={
+            **TUS, "Upload-Length": str(11 * MIB),
+            "Upload-Metadata": metadata(target="/x")}) as response:
+        assert response.status == 413
+    async with client.delete(url, headers=TUS) as response:
+        assert response.status == 204
+    async with client.head(url, headers=TUS) as response:
+        assert response.status == 404
+
+
+async def test_quota_and_expiry(origin, make_proxy, client, tmp_path):
+    proxy = await make_proxy(origin.url, upload_spool_quota=MIB, upload_ttl=0.3,
+                             spool_dir=str(tmp_path))
+    url = await create(client, proxy, MIB // 2)
+    async with client.post(f"{proxy.url}/_fileproxy/uploads", headers={
+            **TUS, "Upload-Length": str(MIB), "Upload-Metadata": metadata(target="/x")}) as r:
+        assert r.status == 507
+    await asyncio.sleep(0.4)
+    async with client.head(url, headers=TUS) as response:
+        assert response.status == 410
+
+
+def test_tuspy_uploads_end_to_end(tmp_path):
+    """The tuspy client (what tus users run) against fileproxy in its own process."""
+    import subprocess
+    import sys
+
+    from tusclient import client as tus
+
+    from tests.conftest import free_port, start_process, stop
+
+    origin_port, proxy_port = free_port(), free_port()
+    origin_url = f"http://127.0.0.1:{origin_port}"
+    proxy_url = f"http://127.0.0.1:{proxy_port}"
+    origin = start_process([sys.executable, "-m", "tests.origin", "--port", str(origin_port)],
+                           f"{origin_url}/_origin/events")
+    proxy = start_process([sys.executable, "-m", "fileproxy", "dev", "--upstream", origin_url,
+                           "--bind", f"127.0.0.1:{proxy_port}", "--no-access-log",
+                           "--spool-dir", str(tmp_path)], f"{proxy_url}/_fileproxy/health",
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        source = tmp_path / "source.bin"
+        source.write_bytes(b"".join(pattern(0, 3 * MIB + 7, seed=4)))
+        uploader = tus.TusClient(f"{proxy_url}/_fileproxy/uploads").uploader(
+            str(source), chunk_size=MIB, metadata={"target": "/echo/tuspy", "filename": "s"})
+        uploader.upload()
+        assert uploader.offset == source.stat().st_size
+    finally:
+        stop(proxy)
+        stop(origin)
+
+
+@pytest.mark.parametrize("count", [2])
+async def test_concurrent_patches_do_not_interleave(origin, proxy, client, count):
+    url = await create(client, proxy, 2 * MIB)
+
+    async def slow_body():
+        for _ in range(8):
+            yield b"s" * (128 * 1024)
+            await asyncio.sleep(0.05)
+
+    first = asyncio.create_task(client.patch(url, data=slow_body(), headers={
+        **TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream",
+        "Content-Length": str(MIB)}))
+    await asyncio.sleep(0.1)
+    async with await patch(client, url, 0, b"x" * 10) as response:
+        assert response.status in (409, 423)
+    async with await first as response:
+        assert response.status == 204
+    assert await offset_of(client, url) == MIB
