@@ -327,6 +327,9 @@ class Config:
     upload_ttl: float = setting(86400.0, positive(parse_seconds),
                                 "an unfinished upload expires this long after creation",
                                 metavar="SECONDS")
+    upload_lock_ttl: float = setting(30.0, positive(parse_seconds),
+                                     "an upload's PATCH lock, extended while bytes flow; a "
+                                     "crashed worker's lock frees after this", metavar="SECONDS")
     upload_delivery_wait: float = setting(5.0, parse_seconds,
                                           "how long the final PATCH waits for the upstream's "
                                           "answer before returning", metavar="SECONDS")

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from fileproxy.config import Config
 from fileproxy.responses import QuietResponse
-from fileproxy.state import Locked, StateStore, StateUnavailable
+from fileproxy.state import Locked, LockHandle, StateStore, StateUnavailable
 
 TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
@@ -129,21 +129,32 @@ class Uploads:
             raise TusError(409, f"Conflict: Upload-Offset must be {upload.offset}")
         digest, expected = checksum_of(request.headers.get("Upload-Checksum"))
         try:
-            async with self.store.lock(f"upload:{upload.id}", ttl=3600):
+            async with self.store.lock(f"upload:{upload.id}",
+                                       ttl=self.config.upload_lock_ttl) as lock:
                 upload = await self.load(upload.id)  # the offset as it is now, under the lock
                 if int(offset) != upload.offset:
                     raise TusError(409, f"Conflict: Upload-Offset must be {upload.offset}")
-                return await self.write_chunk(request, upload, digest, expected)
+                return await self.write_chunk(request, upload, digest, expected, lock)
         except Locked:
             raise TusError(423, "Locked: another PATCH to this upload is running") from None
 
     async def write_chunk(self, request: web.Request, upload: Upload, digest: Any,
-                          expected: bytes | None) -> Upload:
-        start = upload.offset
+                          expected: bytes | None, lock: LockHandle) -> Upload:
+        """The lock is short (a crashed worker must not hold an upload for long) and extended
+        while bytes keep coming; a PATCH that stalled past it and lost it stops writing (423)."""
+        start, extended, owned = upload.offset, time.monotonic(), True
         with open(self.path(upload.id), "r+b") as handle:
             handle.seek(start)
             try:
                 async for chunk in request.content.iter_chunked(CHUNK):
+                    if time.monotonic() - extended > self.config.upload_lock_ttl / 3:
+                        try:
+                            await lock.extend()
+                        except Locked:
+                            owned = False  # the new holder's offset is not ours to write
+                            raise TusError(423, "Locked: this PATCH stalled and another took "
+                                                "the upload over") from None
+                        extended = time.monotonic()
                     if upload.offset + len(chunk) > upload.length:
                         raise TusError(413, "Request Entity Too Large: more bytes than "
                                             "Upload-Length")
@@ -155,7 +166,7 @@ class Uploads:
                         await self.persist(handle, upload)
                         start = upload.offset
             finally:
-                if digest is None:
+                if digest is None and owned:
                     await self.persist(handle, upload)  # what arrived before a drop is kept
             if digest is not None:
                 if digest.digest() != expected:

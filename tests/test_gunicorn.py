@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import socket
 import time
 import urllib.request
@@ -181,5 +182,126 @@ def test_task_survives_its_worker_being_killed(origin_process: str):
             time.sleep(0.05)
         assert record.get("status") == "completed" and record["upstream_status"] == 200
         assert record["attempts"] >= 2
+    finally:
+        stop(process)
+
+
+def tus(method: str, url: str, headers: dict | None = None, body: bytes = b""):
+    request = urllib.request.Request(url, data=body or None, method=method, headers={
+        "Tus-Resumable": "1.0.0", "Connection": "close", **(headers or {})})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return response.status, response.headers
+
+
+def raw_partial_patch(proxy_url: str, path: str, offset: int, total: int, data: bytes) -> None:
+    """A PATCH that sends `data` of the announced rest, then drops the connection."""
+    sock = socket.create_connection(host_port(proxy_url))
+    sock.sendall(f"PATCH {path} HTTP/1.1\r\nHost: t\r\nTus-Resumable: 1.0.0\r\n"
+                 f"Upload-Offset: {offset}\r\nContent-Type: application/offset+octet-stream\r\n"
+                 f"Content-Length: {total - offset}\r\n\r\n".encode())
+    sock.sendall(data)
+    time.sleep(0.3)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()  # RST: the cut
+
+
+def test_256mib_upload_cut_three_times_arrives_once_byte_exact(gunicorn_proxy: GunicornProxy):
+    """Each PATCH on a new connection, so any of the 2 workers may take it; the session lives
+    in the private redis-server the workers share."""
+    import base64
+
+    size = BIG
+    body = b"".join(pattern(0, size, seed=21))
+    meta = "target " + base64.b64encode(b"/echo/big-upload").decode()
+    status, headers = tus("POST", f"{gunicorn_proxy.url}/_fileproxy/uploads",
+                          {"Upload-Length": str(size), "Upload-Metadata": meta})
+    assert status == 201
+    path = headers["Location"]
+    offsets = []
+    for cut in range(3):
+        _, head = tus("HEAD", gunicorn_proxy.url + path)
+        offset = int(head["Upload-Offset"])
+        offsets.append(offset)
+        raw_partial_patch(gunicorn_proxy.url, path, offset, size,
+                          body[offset:offset + 60 * 1024 * 1024 + cut])
+    _, head = tus("HEAD", gunicorn_proxy.url + path)
+    offset = int(head["Upload-Offset"])
+    assert offsets == sorted(set(offsets)) and offset > offsets[-1], "every drop kept its bytes"
+    status, headers = tus("PATCH", gunicorn_proxy.url + path,
+                          {"Upload-Offset": str(offset),
+                           "Content-Type": "application/offset+octet-stream"}, body[offset:])
+    assert status == 204 and headers["Upload-Offset"] == str(size)
+    delivery = headers["Fileproxy-Delivery"]
+    for _ in range(200):
+        record = get_json(gunicorn_proxy.url + delivery)
+        if record["status"] == "completed":
+            break
+        time.sleep(0.1)
+    with urllib.request.urlopen(gunicorn_proxy.url + delivery + "/result") as response:
+        echoed = json.loads(response.read())
+    assert echoed["body_sha256"] == pattern_sha256(size, seed=21)
+    assert echoed["body_length"] == size
+
+
+def test_worker_killed_during_patch_resumes_from_what_was_kept(origin_process: str):
+    import base64
+    import os
+    import signal
+    import sys
+    import threading
+
+    from tests.conftest import free_port, start_process, stop
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_process(
+        [sys.executable, "-m", "fileproxy", "serve", "--upstream", origin_process, "--bind",
+         f"127.0.0.1:{port}", "--workers", "2", "--no-access-log", "--upload-lock-ttl", "2"],
+        f"{url}/_fileproxy/health")
+    size = 32 * 1024 * 1024
+    body = b"".join(pattern(0, size, seed=8))
+    try:
+        meta = "target " + base64.b64encode(b"/echo/killed").decode()
+        _, headers = tus("POST", f"{url}/_fileproxy/uploads",
+                         {"Upload-Length": str(size), "Upload-Metadata": meta})
+        path = headers["Location"]
+        sent = []
+
+        def slow_patch() -> None:
+            sock = socket.create_connection(host_port(url))
+            sock.sendall(f"PATCH {path} HTTP/1.1\r\nHost: t\r\nTus-Resumable: 1.0.0\r\n"
+                         f"Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
+                         f"Content-Length: {size}\r\n\r\n".encode())
+            try:
+                for start in range(0, size, 1024 * 1024):
+                    sock.sendall(body[start:start + 1024 * 1024])
+                    sent.append(start + 1024 * 1024)
+                    time.sleep(0.05)
+            except OSError:
+                pass
+            sock.close()
+
+        sender = threading.Thread(target=slow_patch)
+        sender.start()
+        time.sleep(0.8)
+        for child in psutil.Process(process.pid).children():
+            if "redis" not in child.name():
+                os.kill(child.pid, signal.SIGKILL)
+        sender.join(30)
+        time.sleep(3)  # respawned workers; the dead PATCH's lock lapses
+        _, head = tus("HEAD", url + path)
+        offset = int(head["Upload-Offset"])
+        assert 0 < offset <= max(sent), (offset, max(sent))
+        status, headers = tus("PATCH", url + path, {
+            "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream"},
+            body[offset:])
+        assert status == 204
+        delivery = headers["Fileproxy-Delivery"]
+        for _ in range(200):
+            if get_json(url + delivery)["status"] == "completed":
+                break
+            time.sleep(0.1)
+        with urllib.request.urlopen(url + delivery + "/result") as response:
+            assert json.loads(response.read())["body_sha256"] == pattern_sha256(size, seed=8)
     finally:
         stop(process)

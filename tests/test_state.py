@@ -91,3 +91,17 @@ async def test_redis_outage_is_reported_and_recovered_from(redis_server):
     await store.set("k", b"again")  # a new connection, by itself
     assert await store.get("k") == b"again"
     await store.close()
+
+
+async def test_a_lock_is_extended_and_an_expired_one_can_be_taken(store):
+    async with store.lock("u", ttl=0.3) as held:
+        await asyncio.sleep(0.2)
+        await held.extend()
+        await asyncio.sleep(0.2)
+        with pytest.raises(Locked):  # still held thanks to the extension
+            async with store.lock("u", ttl=0.3):
+                pass
+        await asyncio.sleep(0.4)  # now it lapsed: someone else takes it
+        async with store.lock("u", ttl=5):
+            with pytest.raises(Locked):
+                await held.extend()

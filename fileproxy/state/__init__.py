@@ -1,9 +1,9 @@
 """Shared state: a small protocol (values with TTL, counters, locks, an index, a work queue) with an
 in-memory backend (one process) and a Redis backend (several workers and instances)."""
 
-from fileproxy.state.base import Locked, StateStore, StateUnavailable
+from fileproxy.state.base import Locked, LockHandle, StateStore, StateUnavailable
 
-__all__ = ["Locked", "StateStore", "StateUnavailable", "open_store"]
+__all__ = ["LockHandle", "Locked", "StateStore", "StateUnavailable", "open_store"]
 
 
 def open_store(redis_url: str, prefix: str) -> StateStore:

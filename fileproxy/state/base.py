@@ -14,6 +14,12 @@ class Locked(Exception):
     """Someone else holds the lock."""
 
 
+class LockHandle(Protocol):
+    async def extend(self) -> None:
+        """Another ttl from now; raises Locked if the lock expired and someone else took it."""
+        ...
+
+
 class StateStore(Protocol):
     """Keys are namespaced by the store's prefix; values are bytes; TTLs are seconds."""
 
@@ -27,8 +33,9 @@ class StateStore(Protocol):
 
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int: ...
 
-    def lock(self, name: str, ttl: float) -> AbstractAsyncContextManager[None]:
-        """Held for the block (at most ttl); raises Locked at once when someone else holds it."""
+    def lock(self, name: str, ttl: float) -> AbstractAsyncContextManager[LockHandle]:
+        """Held for the block (at most ttl unless extended); raises Locked at once when someone
+        else holds it."""
         ...
 
     async def index_add(self, index: str, member: str, score: float) -> None: ...

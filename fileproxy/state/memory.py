@@ -21,6 +21,19 @@ class MemoryQueue:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+@dataclass
+class MemoryLock:
+    store: MemoryStore
+    key: str
+    token: bytes
+    ttl: float
+
+    async def extend(self) -> None:
+        if self.store._live(self.key) not in (None, self.token):
+            raise Locked(self.key)
+        self.store._values[self.key] = (self.token, self.store._expiry(self.ttl))
+
+
 class MemoryStore:
     def __init__(self, prefix: str = "fileproxy") -> None:
         self.prefix = prefix
@@ -62,16 +75,16 @@ class MemoryStore:
         return current
 
     @contextlib.asynccontextmanager
-    async def lock(self, name: str, ttl: float) -> AsyncIterator[None]:
+    async def lock(self, name: str, ttl: float) -> AsyncIterator[MemoryLock]:
         key = f"lock:{name}"
         if self._live(key) is not None:
             raise Locked(name)
-        token = str(next(self._ids)).encode()
-        self._values[key] = (token, self._expiry(ttl))
+        handle = MemoryLock(self, key, str(next(self._ids)).encode(), ttl)
+        self._values[key] = (handle.token, self._expiry(ttl))
         try:
-            yield
+            yield handle
         finally:
-            if self._live(key) == token:
+            if self._live(key) == handle.token:
                 del self._values[key]
 
     async def index_add(self, index: str, member: str, score: float) -> None:

@@ -18,6 +18,17 @@ T = TypeVar("T")
 DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
+class RedisLock:
+    def __init__(self, store: RedisStore, lock: Any) -> None:
+        self.store, self.lock = store, lock
+
+    async def extend(self) -> None:
+        try:
+            await self.store._call(self.lock.reacquire)
+        except LockError:
+            raise Locked(self.lock.name) from None
+
+
 class RedisStore:
     """Keys live under `prefix:`. Connection loss raises StateUnavailable; redis-py's pool opens a
     new connection on the next command, so the store recovers by itself when Redis returns."""
@@ -64,12 +75,12 @@ class RedisStore:
         return await self._call(increment)
 
     @contextlib.asynccontextmanager
-    async def lock(self, name: str, ttl: float) -> AsyncIterator[None]:
+    async def lock(self, name: str, ttl: float) -> AsyncIterator[RedisLock]:
         lock = self.client.lock(self.k(f"lock:{name}"), timeout=ttl, blocking=False)
         if not await self._call(lock.acquire):
             raise Locked(name)
         try:
-            yield
+            yield RedisLock(self, lock)
         finally:
             with contextlib.suppress(LockError, *DOWN):
                 await lock.release()
