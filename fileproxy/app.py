@@ -36,11 +36,13 @@ async def state_and_tasks(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = app[STORE] = open_store(config.redis_url, config.state_prefix)
     manager = app[TASKS] = TaskManager(app, config, store)
-    app[UPLOADS] = Uploads(config, store)
-    runner = asyncio.create_task(manager.run_forever())
+    uploads = app[UPLOADS] = Uploads(config, store, app[METRICS])
+    runners = [asyncio.create_task(manager.run_forever()),
+               asyncio.create_task(uploads.sweep_forever())]
     yield
-    runner.cancel()
-    await asyncio.gather(runner, return_exceptions=True)
+    for runner in runners:
+        runner.cancel()
+    await asyncio.gather(*runners, return_exceptions=True)
     await store.close()
 
 

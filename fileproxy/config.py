@@ -327,6 +327,11 @@ class Config:
     upload_ttl: float = setting(86400.0, positive(parse_seconds),
                                 "an unfinished upload expires this long after creation",
                                 metavar="SECONDS")
+    upload_token: str = setting("", str, "bearer token needed to create an upload (empty: "
+                                "none), so an open proxy is not open storage", metavar="TOKEN")
+    upload_sweep_interval: float = setting(60.0, positive(parse_seconds),
+                                           "how often expired uploads free their spool space",
+                                           metavar="SECONDS")
     upload_lock_ttl: float = setting(30.0, positive(parse_seconds),
                                      "an upload's PATCH lock, extended while bytes flow; a "
                                      "crashed worker's lock frees after this", metavar="SECONDS")

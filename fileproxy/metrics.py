@@ -132,6 +132,10 @@ class Metrics:
         self.task_queue = gauge("fileproxy_task_queue_length",
                                 "Async tasks queued or running, not yet acknowledged",
                                 mode="livemax")
+        self.uploads = Counter("fileproxy_uploads", "Resumable upload sessions: created, resumed "
+                               "(a PATCH after a broken one), completed", ("event",), registry=r)
+        self.spool_bytes = gauge("fileproxy_upload_spool_bytes",
+                                 "Spool bytes reserved by unfinished uploads", mode="livemax")
         self._rejected_seen: dict[str, int] = {}
 
     # -- recording, on the request path
@@ -300,6 +304,11 @@ def stats(metrics: Metrics) -> dict[str, Any]:
         "upstreams": upstreams,
         "connection_pool": {state: int(total(s, "fileproxy_upstream_connections", state=state))
                             for state in ("open", "idle", "in_use")},
+        "uploads": {**{sample.labels["event"]: int(sample.value)
+                       for sample in s.get("fileproxy_uploads_total", [])},
+                    "spool_bytes": int(max((x.value for x in
+                                            s.get("fileproxy_upload_spool_bytes", [])),
+                                           default=0))},
         "tasks": {**{sample.labels["event"]: int(sample.value)
                      for sample in s.get("fileproxy_tasks_total", [])},
                   "running": int(total(s, "fileproxy_tasks_running")),

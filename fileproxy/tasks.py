@@ -324,9 +324,11 @@ class TaskManager:
         return self.app[METRICS]
 
     async def sample_queue(self) -> None:
-        """For the metrics: the queue length, read from the store now and then."""
+        """For the metrics: the queue length and the upload spool, read from the store."""
         with contextlib.suppress(StateUnavailable):
             self.metrics().task_queue.set(await self.store.queue_length(QUEUE))
+            self.metrics().spool_bytes.set(
+                int(await self.store.incr("uploads:spool-bytes", 0)))
 
     def task_timeout(self) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(total=self.config.task_timeout or None,

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -28,6 +30,7 @@ EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
 CHECKSUMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "md5": hashlib.md5}
 OFFSET_TYPE = "application/offset+octet-stream"
 CHUNK = 256 * 1024
+INDEX = "uploads:index"
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Upload:
     expires: float = 0.0
     offset: int = 0
     task_id: str | None = None
+    broken: bool = False  # the last PATCH ended before its Content-Length
 
 
 def tus_headers(**extra: str) -> dict[str, str]:
@@ -69,8 +73,8 @@ def parse_metadata(header: str) -> dict[str, str]:
 
 
 class Uploads:
-    def __init__(self, config: Config, store: StateStore) -> None:
-        self.config, self.store = config, store
+    def __init__(self, config: Config, store: StateStore, metrics: Any = None) -> None:
+        self.config, self.store, self.metrics = config, store, metrics
         self.spool = Path(config.spool_dir) / "uploads"
 
     def path(self, upload_id: str) -> Path:
@@ -116,6 +120,8 @@ class Uploads:
         self.path(upload.id).touch()
         await self.store.incr("uploads:spool-bytes", length)
         await self.save(upload)
+        await self.store.index_add(INDEX, upload.id, upload.expires)
+        self.count("created")
         return upload
 
     async def append(self, request: web.Request, upload: Upload) -> Upload:
@@ -134,6 +140,9 @@ class Uploads:
                 upload = await self.load(upload.id)  # the offset as it is now, under the lock
                 if int(offset) != upload.offset:
                     raise TusError(409, f"Conflict: Upload-Offset must be {upload.offset}")
+                if upload.broken:
+                    self.count("resumed")
+                    upload.broken = False
                 return await self.write_chunk(request, upload, digest, expected, lock)
         except Locked:
             raise TusError(423, "Locked: another PATCH to this upload is running") from None
@@ -165,6 +174,9 @@ class Uploads:
                     if digest is None and upload.offset - start >= 8 * CHUNK:
                         await self.persist(handle, upload)
                         start = upload.offset
+            except BaseException:
+                upload.broken = True
+                raise
             finally:
                 if digest is None and owned:
                     await self.persist(handle, upload)  # what arrived before a drop is kept
@@ -182,9 +194,33 @@ class Uploads:
         await self.save(upload)
 
     async def terminate(self, upload: Upload) -> None:
+        """Free its record, its spool file and its share of the quota."""
         await self.store.delete(f"upload:{upload.id}")
-        await self.store.incr("uploads:spool-bytes", -upload.length)
-        self.path(upload.id).unlink(missing_ok=True)
+        await self.store.index_remove(INDEX, upload.id)
+        if upload.task_id is None:  # a delivered upload's file belongs to its task now
+            await self.store.incr("uploads:spool-bytes", -upload.length)
+            self.path(upload.id).unlink(missing_ok=True)
+
+    async def sweep(self) -> int:
+        """Expired uploads give their spool space back (run every minute by each worker)."""
+        expired = await self.store.index_range(INDEX, 1000, max_score=time.time())
+        for upload_id, _ in expired:
+            raw = await self.store.get(f"upload:{upload_id}")
+            if raw is None:
+                await self.store.index_remove(INDEX, upload_id)
+                continue
+            await self.terminate(Upload(**json.loads(raw)))
+        return len(expired)
+
+    async def sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.upload_sweep_interval)
+            with contextlib.suppress(StateUnavailable):
+                await self.sweep()
+
+    def count(self, event: str) -> None:
+        if self.metrics is not None:
+            self.metrics.uploads.labels(event).inc()
 
 
 def check_version(request: web.Request) -> None:
@@ -226,6 +262,11 @@ async def options(request: web.Request) -> web.StreamResponse:
 
 async def create(request: web.Request) -> web.StreamResponse:
     uploads = uploads_of(request)
+    token = uploads.config.upload_token
+    if token and not hmac.compare_digest(
+            request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode(),
+            token.encode()):
+        raise TusError(401, "Unauthorized: creating an upload needs the upload bearer token")
     upload = await uploads.create(request)
     headers = tus_headers(Location=uploads.url(upload.id), **expires_header(upload))
     if request.body_exists and request.content_type == OFFSET_TYPE:  # creation-with-upload
@@ -280,6 +321,7 @@ async def finish_if_complete(request: web.Request, uploads: Uploads,
     await uploads.store.incr("uploads:spool-bytes", -upload.length)
     upload.task_id = task.id
     await uploads.save(upload)
+    uploads.count("completed")
     answer = {"Fileproxy-Delivery": tasks.status_url(task.id)}
     deadline = time.monotonic() + uploads.config.upload_delivery_wait
     while time.monotonic() < deadline:

@@ -167,3 +167,59 @@ async def test_concurrent_patches_do_not_interleave(origin, proxy, client, count
     async with await first as response:
         assert response.status == 204
     assert await offset_of(client, url) == MIB
+
+
+async def test_sweep_metrics_and_token(origin, make_proxy, client, tmp_path):
+    proxy = await make_proxy(origin.url, upload_ttl=0.3, upload_sweep_interval=0.2,
+                             spool_dir=str(tmp_path), upload_token="up-token")
+    headers = {**TUS, "Upload-Length": "10", "Upload-Metadata": metadata(target="/echo/t")}
+    async with client.post(f"{proxy.url}/_fileproxy/uploads", headers=headers) as response:
+        assert response.status == 401
+    headers["Authorization"] = "Bearer up-token"
+    async with client.post(f"{proxy.url}/_fileproxy/uploads", headers=headers) as response:
+        url = proxy.url + response.headers["Location"]
+    assert list(tmp_path.glob("uploads/*.part"))
+    await asyncio.sleep(0.8)  # expired and swept: the spool space is back
+    assert not list(tmp_path.glob("uploads/*.part"))
+    async with client.get(f"{proxy.url}/_fileproxy/stats") as response:
+        uploads = (await response.json())["uploads"]
+    assert uploads["created"] == 1
+    async with client.head(url, headers=TUS) as response:
+        assert response.status == 404
+
+
+async def test_resumed_counter(origin, proxy, client):
+    url = await create(client, proxy, 4 * MIB)
+    path = url.split("//", 1)[1].split("/", 1)[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(f"PATCH /{path} HTTP/1.1\r\nHost: t\r\nTus-Resumable: 1.0.0\r\n"
+                 f"Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
+                 f"Content-Length: {4 * MIB}\r\n\r\n".encode() + b"r" * MIB)
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.transport.abort()
+    await asyncio.sleep(0.2)
+    offset = await offset_of(client, url)
+    async with await patch(client, url, offset, b"r" * (4 * MIB - offset)) as response:
+        assert response.status == 204
+    async with client.get(f"{proxy.url}/_fileproxy/stats") as response:
+        uploads = (await response.json())["uploads"]
+    assert uploads == {**uploads, "created": 1, "resumed": 1, "completed": 1}
+    del reader
+
+
+async def test_curl_resumes_a_download_through_the_proxy(proxy, tmp_path):
+    """`curl -C -` continues a partial file with a Range request; fileproxy passes it on."""
+    import shutil
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    from tests.origin import pattern_sha256
+
+    size = 3 * MIB
+    dest = tmp_path / "partial.bin"
+    dest.write_bytes(b"".join(pattern(0, MIB)))
+    process = await asyncio.create_subprocess_exec(
+        "curl", "-s", "-C", "-", "-o", str(dest), f"{proxy.url}/bytes/{size}")
+    assert await process.wait() == 0
+    assert hashlib.sha256(dest.read_bytes()).hexdigest() == pattern_sha256(size)
