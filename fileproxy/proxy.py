@@ -40,8 +40,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
                 return await submit_task(request, outgoing, exchange)
             # 2. admission: a slot, a short bounded wait for one, or 503 at once
             async with app[ADMISSION].slot(peer_address(request) or "-"):
-                async with asyncio.timeout(config.total_timeout or None):
-                    return await forward(request, outgoing, exchange)
+                return await forward(request, outgoing, exchange)  # --total-timeout inside
         except ProxyError as error:
             exchange.fail(error)
             return error.response(exchange.request_id)
