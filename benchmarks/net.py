@@ -86,6 +86,10 @@ class Run:
                 "queue_ms": self.defaults.get("queue_ms", 100)}
 
     @property
+    def impaired_links(self) -> str:
+        return "both links" if self.impaired == "both" else f"the {self.impaired} link"
+
+    @property
     def bottleneck_mbit(self) -> float:
         rates = [self.link(side)["rate_mbit"] for side in ("client", "origin")]
         limited = [rate for rate in rates if rate]
@@ -297,7 +301,7 @@ def report(run: Run, results: dict[str, Any], checks: list[dict[str, Any]], vali
     link_rows = [[c["check"], c["configured"], c["measured"], "ok" if c["ok"] else "OFF"]
                  for c in checks]
     profile = run.profile
-    head = (f"Profile `{run.profile_name}` on the {run.impaired} link(s): RTT {profile['rtt_ms']} "
+    head = (f"Profile `{run.profile_name}` on {run.impaired_links}: RTT {profile['rtt_ms']} "
             f"+- {profile['jitter_ms']} ms, {profile['rate_mbit'] or 'unlimited'} Mbit/s, "
             f"{profile['loss'] * 100:g}% loss each way; concurrency {concurrency(run)}; "
             f"congestion control {congestion}; fileproxy --tcp-congestion "
@@ -333,7 +337,7 @@ def chart(run: Run, results: dict[str, Any], path: Path) -> None:
     if workload and run.bottleneck_mbit:
         left.axhline(run.bottleneck_mbit, color="k", linestyle="--", linewidth=1)
         left.text(0, run.bottleneck_mbit * 1.02, "link rate", fontsize=8)
-    fig.suptitle(f"fileproxy bench net: {run.profile_name} on the {run.impaired} link(s)")
+    fig.suptitle(f"fileproxy bench net: {run.profile_name} on {run.impaired_links}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
