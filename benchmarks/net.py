@@ -305,7 +305,8 @@ def report(run: Run, results: dict[str, Any], checks: list[dict[str, Any]], vali
             f"+- {profile['jitter_ms']} ms, {profile['rate_mbit'] or 'unlimited'} Mbit/s, "
             f"{profile['loss'] * 100:g}% loss each way; concurrency {concurrency(run)}; "
             f"congestion control {congestion}; fileproxy --tcp-congestion "
-            f"{fileproxy_cc or '(namespace default)'}; link emulator: user-space TUN delay line.")
+            f"{fileproxy_cc or 'auto (its default: bbr where the kernel has it)'}; "
+            "link emulator: user-space TUN delay line.")
     validity = "" if valid else ("\n\n**INVALID RUN: the emulated links were more than 20% off "
                                  "their configuration (see the link checks).**")
     return (f"{head}{validity}\n\nLink checks (measured before the run):\n\n"
