@@ -71,7 +71,6 @@ class Direction:
     impairment: Impairment
     wire_free_at: float = 0.0  # when the rate limiter finishes the last accepted packet
     last_delivery: float = 0.0  # deliveries never overtake each other
-    queued_bytes: float = 0.0
     stats: dict[str, int] = field(default_factory=lambda: {
         "packets": 0, "bytes": 0, "lost": 0, "queue_drops": 0, "delivered": 0})
 

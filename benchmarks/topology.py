@@ -42,18 +42,6 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), capture_output=True, text=True, check=check)
 
 
-def netem_available() -> bool:
-    """Does this kernel have the netem qdisc? (Probed on a throwaway dummy device.)"""
-    probe = f"fpnetem{os.getpid() % 10000}"
-    if run("ip", "link", "add", probe, "type", "dummy", check=False).returncode != 0:
-        return False
-    try:
-        return run("tc", "qdisc", "add", "dev", probe, "root", "netem", "delay", "1ms",
-                   check=False).returncode == 0
-    finally:
-        run("ip", "link", "del", probe, check=False)
-
-
 @dataclass
 class Topology:
     prefix: str = field(default_factory=lambda: f"fp{os.getpid()}")

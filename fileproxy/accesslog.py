@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -27,13 +27,11 @@ class Exchange:
     status: int = 0
     outcome: str = "ok"  # ok, refused, rejected, upstream_error, aborted
     detail: str = ""
-    error_kind: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def fail(self, error: ProxyError) -> None:
         """fileproxy answered itself: a refusal (4xx), a rejection by admission (429/503 before
         any upstream) or an upstream failure (5xx)."""
-        self.detail, self.error_kind, self.status = error.message, error.kind, error.status
+        self.detail, self.status = error.message, error.status
         if error.status < 500 and error.status != 429:
             self.outcome = "refused"
         elif error.kind:
@@ -72,7 +70,7 @@ def log_fields(request: web.BaseRequest, response: web.StreamResponse,
         fields.update(bytes_in=exchange.bytes_in, upstream=exchange.upstream,
                       ttfb=None if exchange.ttfb is None else round(exchange.ttfb, 6),
                       retries=exchange.retries, request_id=exchange.request_id,
-                      outcome=exchange.outcome, **exchange.extra)
+                      outcome=exchange.outcome)
         if exchange.detail:
             fields["detail"] = exchange.detail
     return fields

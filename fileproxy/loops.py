@@ -12,6 +12,3 @@ def loop_factory() -> type[asyncio.AbstractEventLoop]:
         return asyncio.SelectorEventLoop
     return uvloop.Loop
 
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    return loop_factory()()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from yarl import URL
 
@@ -69,7 +69,6 @@ class Upstreams:
 
     members: list[Upstream]
     strategy: str = "round_robin"
-    on_breaker_change: Callable[[str, str, str], None] = field(default=lambda *_: None)
 
     @classmethod
     def from_config(cls, config: Config,
@@ -87,7 +86,7 @@ class Upstreams:
             upstream = Upstream(url, weight)
             upstream.breaker = CircuitBreaker(upstream.authority, settings, on_breaker_change)
             members.append(upstream)
-        return cls(members, config.balance, on_breaker_change)
+        return cls(members, config.balance)
 
     def choose(self, exclude: set[Upstream] | frozenset[Upstream] = frozenset()) -> Upstream:
         """The next upstream for an attempt (others than `exclude` first), or 503."""
