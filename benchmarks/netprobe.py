@@ -33,10 +33,8 @@ def serve(address: str, port: int) -> None:
                 first = now
             received += len(data) + 28  # IP + UDP headers count against the link
             last = now
-        elif tag == b"STAT":
-            seconds = last - first
-            sock.sendto(json.dumps({"bytes": received, "seconds": seconds}).encode(), peer)
-            received = 0
+        elif tag == b"STAT":  # answered again unchanged if the answer got lost
+            sock.sendto(json.dumps({"bytes": received, "seconds": last - first}).encode(), peer)
         else:
             sock.sendto(data, peer)
 
@@ -85,9 +83,16 @@ def rate(address: str, port: int, seconds: float, mbit: float) -> dict[str, floa
         elif gap > 0.0005:
             time.sleep(gap / 2)
     time.sleep(1.0)  # let the queue drain
-    sock.settimeout(5)
-    sock.sendto(b"STAT", (address, port))
-    report = json.loads(sock.recv(2048))
+    sock.settimeout(1)
+    for _ in range(10):  # the link may lose the question or the answer: ask again
+        sock.sendto(b"STAT", (address, port))
+        try:
+            report = json.loads(sock.recv(2048))
+            break
+        except TimeoutError:
+            continue
+    else:
+        raise SystemExit("netprobe: the rate sink never answered")
     measured = report["bytes"] * 8 / report["seconds"] / 1e6 if report["seconds"] else math.nan
     return {"mbit": round(measured, 2)}
 
