@@ -178,7 +178,7 @@ class Uploads:
                 upload.broken = True
                 raise
             finally:
-                if digest is None and owned:
+                if digest is None and owned and await still_held(lock):
                     await self.persist(handle, upload)  # what arrived before a drop is kept
             if digest is not None:
                 if digest.digest() != expected:
@@ -226,6 +226,15 @@ class Uploads:
 def check_version(request: web.Request) -> None:
     if request.headers.get("Tus-Resumable") != TUS_VERSION:
         raise TusError(412, f"Precondition Failed: Tus-Resumable {TUS_VERSION} is required")
+
+
+async def still_held(lock: LockHandle) -> bool:
+    """A PATCH that stalled past its lock may have been taken over: then its view is stale."""
+    try:
+        await lock.extend()
+    except Locked:
+        return False
+    return True
 
 
 def checksum_of(header: str | None) -> tuple[Any, bytes | None]:

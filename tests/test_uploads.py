@@ -223,3 +223,26 @@ async def test_curl_resumes_a_download_through_the_proxy(proxy, tmp_path):
         "curl", "-s", "-C", "-", "-o", str(dest), f"{proxy.url}/bytes/{size}")
     assert await process.wait() == 0
     assert hashlib.sha256(dest.read_bytes()).hexdigest() == pattern_sha256(size)
+
+
+async def test_a_stalled_patch_taken_over_does_not_rewind_the_upload(origin, make_proxy, client):
+    """A PATCH whose client went silent loses the lock after its TTL; another PATCH finishes the
+    upload; when the silent one finally drops, its stale view must not overwrite the record."""
+    proxy = await make_proxy(origin.url, upload_lock_ttl=0.5)
+    size = 4 * MIB
+    body = b"".join(pattern(0, size, seed=5))
+    url = await create(client, proxy, size)
+    path = url.split("//", 1)[1].split("/", 1)[1]
+    _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(f"PATCH /{path} HTTP/1.1\r\nHost: t\r\nTus-Resumable: 1.0.0\r\n"
+                 f"Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
+                 f"Content-Length: {size}\r\n\r\n".encode() + body[:3 * MIB])
+    await writer.drain()
+    await asyncio.sleep(1.0)  # silent past the lock's TTL
+    offset = await offset_of(client, url)
+    async with await patch(client, url, offset, body[offset:]) as response:
+        assert response.status == 204 and int(response.headers["Upload-Offset"]) == size
+    writer.transport.abort()  # the stalled PATCH ends now, holding a stale offset
+    await asyncio.sleep(0.3)
+    assert await offset_of(client, url) == size
+    assert len(origin.events("body-complete")) == 1

@@ -16,7 +16,7 @@ class Locked(Exception):
 
 class LockHandle(Protocol):
     async def extend(self) -> None:
-        """Another ttl from now; raises Locked if the lock expired and someone else took it."""
+        """Another ttl from now; raises Locked once the lock has expired (someone may have taken it)."""
         ...
 
 

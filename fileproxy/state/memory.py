@@ -29,7 +29,7 @@ class MemoryLock:
     ttl: float
 
     async def extend(self) -> None:
-        if self.store._live(self.key) not in (None, self.token):
+        if self.store._live(self.key) != self.token:
             raise Locked(self.key)
         self.store._values[self.key] = (self.token, self.store._expiry(self.ttl))
 
