@@ -1,83 +1,86 @@
-"""An upload client whose connection is cut every N seconds (as on a link that drops), for the
-resumable-upload benchmark; it runs in the client namespace.
+"""Upload clients for the resumable-upload benchmark; they run in the client namespace while the
+harness cuts their connections from outside (`ss -K`, as a link that drops would).
 
-    python -m benchmarks.cutclient tus  PROXY_URL FILE TARGET --cut-every 30 --deadline 900
-    python -m benchmarks.cutclient put  URL FILE --cut-every 30 --deadline 900
+    python -m benchmarks.cutclient tus  PROXY_URL FILE TARGET --deadline 3600
+    python -m benchmarks.cutclient put  URL FILE --deadline 600
 
-`tus` creates an upload and PATCHes from the stored offset after every cut (HEAD tells where);
-`put` can only start the whole PUT again. Prints one JSON line: completed, seconds, attempts.
+`tus` is the tuspy client (what tus users run): after a cut it asks for the stored offset (HEAD)
+and PATCHes on from there. `put` can only start the whole PUT again. Prints one JSON line:
+completed, seconds, attempts, and for PUT the most bytes one attempt got out before its cut.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
 import hashlib
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
-import aiohttp
+import requests
+from tusclient.client import TusClient
+from tusclient.exceptions import TusCommunicationError
+from tusclient.uploader import Uploader
 
-TUS = {"Tus-Resumable": "1.0.0"}
-
-
-async def attempt(coro: object, seconds: float) -> bool:
-    """Run one attempt; the cut is the attempt being abandoned (its connection closed)."""
-    try:
-        async with asyncio.timeout(seconds):
-            await coro  # type: ignore[misc]
-        return True
-    except (TimeoutError, aiohttp.ClientError):
-        return False
+CHUNK = 8 * 1024 * 1024  # bytes per PATCH; a cut mid-PATCH keeps what the proxy stored
 
 
-async def tus_upload(base: str, path: Path, target: str, cut_every: float,
-                     deadline: float) -> dict[str, object]:
-    size = path.stat().st_size
-    delivery: list[str] = []
-    meta = "target " + base64.b64encode(target.encode()).decode()
-    started, attempts = time.monotonic(), 0
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{base}/_fileproxy/uploads", headers={
-                **TUS, "Upload-Length": str(size), "Upload-Metadata": meta}) as response:
-            url = base + response.headers["Location"]
+class CountingUploader(Uploader):
+    """tuspy's uploader, counting its PATCH attempts and keeping the last answer's headers."""
+
+    attempts = 0
+
+    def _do_request(self) -> None:
+        self.attempts += 1
+        super()._do_request()
+
+
+def tus_upload(base: str, path: Path, target: str, deadline: float) -> dict[str, object]:
+    started = time.monotonic()
+    uploader = CountingUploader(file_path=str(path), client=TusClient(f"{base}/_fileproxy/uploads"),
+                                chunk_size=CHUNK, metadata={"target": target},
+                                retries=100_000, retry_delay=1)
+    done = threading.Event()
+
+    def run() -> None:
         while time.monotonic() - started < deadline:
-            attempts += 1
-            async with session.head(url, headers=TUS) as response:
-                offset = int(response.headers["Upload-Offset"])
-            if offset == size:
-                return {"completed": True, "seconds": round(time.monotonic() - started, 1),
-                        "attempts": attempts - 1,
-                        "intact": await delivered_intact(session, base, delivery, path)}
+            try:
+                uploader.upload()
+                done.set()
+                return
+            except TusCommunicationError:
+                time.sleep(1)
 
-            async def send(offset: int = offset) -> None:
-                with open(path, "rb") as handle:
-                    handle.seek(offset)
-                    async with session.patch(url, data=handle, headers={
-                            **TUS, "Upload-Offset": str(offset),
-                            "Content-Type": "application/offset+octet-stream"}) as reply:
-                        reply.raise_for_status()
-                        delivery.append(reply.headers.get("Fileproxy-Delivery", ""))
-
-            await attempt(send(), cut_every)
-    return {"completed": False, "seconds": round(time.monotonic() - started, 1),
-            "attempts": attempts}
+    threading.Thread(target=run, daemon=True).start()
+    completed = done.wait(deadline)
+    result: dict[str, object] = {"completed": completed,
+                                 "seconds": round(time.monotonic() - started, 1),
+                                 "attempts": uploader.attempts}
+    if completed:
+        delivery = uploader.request.response_headers.get("fileproxy-delivery", "")
+        result["intact"] = delivered_intact(base + delivery, path)
+    return result
 
 
-async def delivered_intact(session: aiohttp.ClientSession, base: str, delivery: list[str],
-                           path: Path) -> bool:
+def delivered_intact(delivery_url: str, path: Path) -> bool:
     """Did the upstream receive the file byte-exact? (The test origin's echo reports a hash.)"""
-    url = base + next(d for d in reversed(delivery) if d)
     for _ in range(600):
-        async with session.get(url) as response:
-            if (await response.json())["status"] in ("completed", "failed"):
-                break
-        await asyncio.sleep(0.5)
-    async with session.get(url + "/result") as response:
-        return (await response.json()).get("body_sha256") == file_sha256(path)
+        if get_json(delivery_url)["status"] in ("completed", "failed"):
+            break
+        time.sleep(0.5)
+    return get_json(delivery_url + "/result").get("body_sha256") == file_sha256(path)
+
+
+def get_json(url: str) -> dict[str, object]:
+    """GET, asked again when a cut interrupts it."""
+    for _ in range(100):
+        try:
+            return requests.get(url, timeout=30).json()
+        except requests.RequestException:
+            time.sleep(1)
+    raise RuntimeError(f"no answer from {url}")
 
 
 def file_sha256(path: Path) -> str:
@@ -88,27 +91,22 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-async def put_upload(url: str, path: Path, cut_every: float, deadline: float
-                     ) -> dict[str, object]:
-    started, attempts = time.monotonic(), 0
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() - started < deadline:
-            attempts += 1
-
-            answer: list[dict[str, object]] = []
-
-            async def send(answer: list[dict[str, object]] = answer) -> None:
-                with open(path, "rb") as handle:
-                    async with session.put(url, data=handle) as reply:
-                        reply.raise_for_status()
-                        answer.append(await reply.json())
-
-            if await attempt(send(), cut_every):
-                return {"completed": True, "seconds": round(time.monotonic() - started, 1),
-                        "attempts": attempts,
-                        "intact": answer[0].get("body_sha256") == file_sha256(path)}
+def put_upload(url: str, path: Path, deadline: float) -> dict[str, object]:
+    started, attempts, most_sent = time.monotonic(), 0, 0
+    while time.monotonic() - started < deadline:
+        attempts += 1
+        with open(path, "rb") as handle:
+            try:
+                reply = requests.put(url, data=handle, timeout=(30, deadline))
+                reply.raise_for_status()
+            except requests.RequestException:
+                most_sent = max(most_sent, handle.tell())  # read for sending; an upper bound
+                time.sleep(1)
+                continue
+        return {"completed": True, "seconds": round(time.monotonic() - started, 1),
+                "attempts": attempts, "intact": reply.json().get("body_sha256") == file_sha256(path)}
     return {"completed": False, "seconds": round(time.monotonic() - started, 1),
-            "attempts": attempts}
+            "attempts": attempts, "most_bytes_sent": most_sent}
 
 
 def main() -> None:
@@ -118,16 +116,14 @@ def main() -> None:
     parser.add_argument("url")
     parser.add_argument("file")
     parser.add_argument("target", nargs="?", default="/upload/cut")
-    parser.add_argument("--cut-every", type=float, default=30.0)
     parser.add_argument("--deadline", type=float, default=900.0)
     args = parser.parse_args()
     path = Path(args.file)
     if args.mode == "tus":
-        result = asyncio.run(tus_upload(args.url, path, args.target, args.cut_every,
-                                        args.deadline))
+        result = tus_upload(args.url, path, args.target, args.deadline)
     else:
-        result = asyncio.run(put_upload(args.url, path, args.cut_every, args.deadline))
-    print(json.dumps(result))
+        result = put_upload(args.url, path, args.deadline)
+    print(json.dumps(result), flush=True)
     sys.exit(0)
 
 

@@ -1,9 +1,11 @@
 """Resumable uploads on a link that drops: sudo ./run.sh bench cutupload --profile terrible
 
-The client link carries the profile and the client's connection is cut every --cut-every seconds.
-A file is uploaded (1) with tus through fileproxy, which resumes after every cut, and (2) as one
-plain PUT through nginx and (3) through fileproxy, which must start over each time. Reports whether
-each completed within the deadline, how long it took, and whether the upstream got it byte-exact.
+The client link carries the profile, and the harness cuts every client connection to the proxy
+every --cut-every seconds (`ss -K` in the client namespace: the client's socket is aborted and the
+proxy gets a reset, as when a link drops). A file is uploaded (1) with tus (the tuspy client)
+through fileproxy, which resumes after every cut, and (2) as one plain PUT through nginx and (3)
+through fileproxy, which must start over each time. Reports whether each completed within its
+deadline, how long it took, and whether the upstream got it byte-exact.
 """
 
 from __future__ import annotations
@@ -12,18 +14,45 @@ import argparse
 import json
 import os
 import sys
+import threading
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from benchmarks.common import markdown_table, progress, save_results
 from benchmarks.net import SCENARIOS, Run
-from benchmarks.targets import Place, Workdir, start_fileproxy, start_nginx
+from benchmarks.targets import Place, Running, Workdir, start_fileproxy, start_nginx
 from benchmarks.topology import ORIGIN_ADDR, PROXY_CLIENT_SIDE, Topology, require_root_and_ip
 
 
-def upload(topology: Topology, args: list[str], deadline: float) -> dict[str, object]:
-    out = topology.ns_run(topology.client, sys.executable, "-m", "benchmarks.cutclient", *args,
-                          check=False).stdout.strip().splitlines()
-    return json.loads(out[-1]) if out else {"completed": False, "error": "no answer"}
+@contextmanager
+def cutting(topology: Topology, every: float) -> Iterator[list[int]]:
+    """Abort every client TCP connection to the proxy each `every` seconds; yields [cuts]."""
+    cuts, stop = [0], threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every):
+            killed = topology.ns_run(topology.client, "ss", "-K", "-t", "-H", "dst",
+                                     PROXY_CLIENT_SIDE, check=False).stdout
+            cuts[0] += sum(1 for line in killed.splitlines() if line.strip())
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield cuts
+    finally:
+        stop.set()
+        thread.join()
+
+
+def upload(topology: Topology, args: list[str], cut_every: float, deadline: float
+           ) -> dict[str, object]:
+    with cutting(topology, cut_every) as cuts:
+        out = topology.ns_run(topology.client, sys.executable, "-m", "benchmarks.cutclient",
+                              *args, "--deadline", str(deadline), check=False)
+    lines = out.stdout.strip().splitlines()
+    result = json.loads(lines[-1]) if lines else {"completed": False, "error": out.stderr[-300:]}
+    return {**result, "connections_cut": cuts[0]}
 
 
 def main() -> None:
@@ -32,7 +61,10 @@ def main() -> None:
     parser.add_argument("--profile", default="terrible")
     parser.add_argument("--size-mib", type=float, default=64)
     parser.add_argument("--cut-every", type=float, default=30)
-    parser.add_argument("--deadline", type=float, default=3600)
+    parser.add_argument("--deadline", type=float, default=7200, help="for the tus upload")
+    parser.add_argument("--put-deadline", type=float, default=600,
+                        help="for each plain PUT (it cannot finish: one PUT would need the whole "
+                             "file within one cut interval)")
     args = parser.parse_args()
     require_root_and_ip()
     scenario = tomllib.loads(SCENARIOS.read_text())
@@ -49,8 +81,6 @@ def main() -> None:
             origin = origin_place.spawn([sys.executable, "-m", "tests.origin", "--host",
                                          ORIGIN_ADDR, "--port", str(port)])
             origin_place.wait(f"http://{ORIGIN_ADDR}:{port}/_origin/events", origin)
-            from benchmarks.targets import Running
-
             origin_running = Running("origin (aiohttp)", f"http://{ORIGIN_ADDR}:{port}", origin)
             place = Place(PROXY_CLIENT_SIDE, topology.proxy)
             fileproxy = start_fileproxy(origin_running, work, ["--spool-dir", str(work.path)],
@@ -58,33 +88,31 @@ def main() -> None:
             nginx = start_nginx(origin_running, work, place)
             source = work.path / "upload.bin"
             source.write_bytes(os.urandom(int(args.size_mib * 1024 * 1024)))
-            common = ["--cut-every", str(args.cut_every), "--deadline", str(args.deadline)]
-            progress("tus through fileproxy")
+            progress(f"tus (tuspy) through fileproxy, cut every {args.cut_every:g} s")
             results["tus via fileproxy"] = upload(
-                topology, ["tus", fileproxy.url, str(source), "/echo/cut", *common], args.deadline)
-            progress(f"... {results['tus via fileproxy']}")
-            if nginx is not None:
-                progress("plain PUT through nginx")
-                results["PUT via nginx"] = upload(
-                    topology, ["put", f"{nginx.url}/echo/cut", str(source), *common],
-                    args.deadline)
-                progress(f"... {results['PUT via nginx']}")
-            progress("plain PUT through fileproxy")
-            results["PUT via fileproxy"] = upload(
-                topology, ["put", f"{fileproxy.url}/echo/cut", str(source), *common],
+                topology, ["tus", fileproxy.url, str(source), "/echo/cut"], args.cut_every,
                 args.deadline)
-            progress(f"... {results['PUT via fileproxy']}")
+            progress(f"... {results['tus via fileproxy']}")
+            plain = [("PUT via nginx", nginx), ("PUT via fileproxy", fileproxy)]
+            for name, target in plain:
+                if target is None:
+                    continue
+                progress(f"{name}, cut every {args.cut_every:g} s")
+                results[name] = upload(topology, ["put", f"{target.url}/echo/cut", str(source)],
+                                       args.cut_every, args.put_deadline)
+                progress(f"... {results[name]}")
         finally:
             work.remove()
-    rows = [[name, r.get("completed"), r.get("seconds"), r.get("attempts"), r.get("intact", "-")]
+    rows = [[name, r.get("completed"), r.get("seconds"), r.get("attempts"),
+             r.get("connections_cut"), r.get("intact", "-"), r.get("most_bytes_sent", "-")]
             for name, r in results.items()]
     profile = run.profile
     markdown = (f"{args.size_mib:g} MiB upload, `{args.profile}` on the client link (RTT "
                 f"{profile['rtt_ms']} ms, {profile['rate_mbit']} Mbit/s, {profile['loss'] * 100:g}% "
-                f"loss), the client's connection cut every {args.cut_every:g} s, deadline "
-                f"{args.deadline:g} s.\n\n"
-                + markdown_table(["upload", "completed", "seconds", "attempts", "byte-exact"],
-                                 rows))
+                f"loss), every client connection cut every {args.cut_every:g} s, deadline "
+                f"{args.deadline:g} s for tus and {args.put_deadline:g} s per plain PUT.\n\n"
+                + markdown_table(["upload", "completed", "seconds", "attempts", "connections cut",
+                                  "byte-exact", "most bytes in one PUT"], rows))
     print(markdown)
     save_results(f"cutupload-{args.profile}", {"results": results, "args": vars(args)}, markdown)
 
