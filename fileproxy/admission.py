@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import math
 from collections import Counter, deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fileproxy.errors import ProxyError
@@ -32,24 +31,22 @@ class Admission:
     def available(self) -> int:
         return max(0, self.limit - self.active)
 
-    @contextlib.asynccontextmanager
-    async def slot(self, client: str) -> AsyncIterator[None]:
-        """Hold one of the worker's slots (and one of the client's) for the whole exchange."""
-        if self.per_client and self._clients[client] >= self.per_client:
+    def slot(self, client: str) -> Slot:
+        """Hold one of the worker's slots (and one of the client's) for the whole exchange:
+        `async with admission.slot(address):`."""
+        return Slot(self, client)
+
+    def _count_client(self, client: str) -> None:
+        if self._clients[client] >= self.per_client:
             self.rejected["client"] += 1
             raise ProxyError(429, f"Too Many Requests: {self.per_client} transfers from "
                                   f"{client} are already running", headers={"Retry-After": "1"})
         self._clients[client] += 1
-        try:
-            await self._acquire()
-            try:
-                yield
-            finally:
-                self._release()
-        finally:
-            self._clients[client] -= 1
-            if not self._clients[client]:
-                del self._clients[client]
+
+    def _uncount_client(self, client: str) -> None:
+        self._clients[client] -= 1
+        if not self._clients[client]:
+            del self._clients[client]
 
     async def _acquire(self) -> None:
         if self.active < self.limit and not self._waiters:
@@ -88,3 +85,33 @@ class Admission:
         retry_after = max(1, math.ceil(min(self.queue_timeout, 5)))
         return ProxyError(503, f"Service Unavailable: {why}; retry after {retry_after} s",
                           headers={"Retry-After": str(retry_after)})
+
+
+class Slot:
+    """The async context manager Admission.slot() returns (a class: it is on every request's
+    path, and a free slot costs no awaiting at all)."""
+
+    __slots__ = ("admission", "client")
+
+    def __init__(self, admission: Admission, client: str) -> None:
+        self.admission, self.client = admission, client
+
+    async def __aenter__(self) -> None:
+        admission = self.admission
+        if admission.per_client:
+            admission._count_client(self.client)
+        if admission.active < admission.limit and not admission._waiters:
+            admission.active += 1
+            return
+        try:
+            await admission._acquire()
+        except BaseException:
+            if admission.per_client:
+                admission._uncount_client(self.client)
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        admission = self.admission
+        admission._release()
+        if admission.per_client:
+            admission._uncount_client(self.client)

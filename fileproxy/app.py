@@ -13,7 +13,8 @@ from fileproxy.admin import add_admin_routes
 from fileproxy.admission import Admission
 from fileproxy.config import Config, active_config
 from fileproxy.health import HealthChecker
-from fileproxy.keys import ADMISSION, CONFIG, METRICS, RETRY, SESSION, STORE, TASKS, UPLOADS, UPSTREAMS
+from fileproxy.keys import ADMISSION, CONFIG, LEAN, METRICS, RETRY, SESSION, STORE, TASKS, UPLOADS, UPSTREAMS
+from fileproxy.lean import LeanPool
 from fileproxy.metrics import Metrics
 from fileproxy.proxy import defer_expect, proxy_handler, route_every_target
 from fileproxy.retry import RetryPolicy
@@ -25,10 +26,17 @@ from fileproxy.upstreams import Upstreams
 
 
 async def upstream_session(app: web.Application) -> AsyncIterator[None]:
-    """One ClientSession per worker, from start-up to shutdown."""
-    async with make_session(app[CONFIG]) as session:
+    """One ClientSession per worker, from start-up to shutdown, and the lean client's pool."""
+    config = app[CONFIG]
+    async with make_session(config) as session:
         app[SESSION] = session
-        yield
+        if config.lean_client:
+            app[LEAN] = LeanPool(config)
+        try:
+            yield
+        finally:
+            if LEAN in app:
+                app[LEAN].close()
 
 
 async def state_and_tasks(app: web.Application) -> AsyncIterator[None]:
@@ -65,7 +73,10 @@ async def refresh_metrics_forever(app: web.Application) -> None:
 
 
 def refresh_metrics(app: web.Application) -> None:
-    app[METRICS].refresh(app[ADMISSION], app[UPSTREAMS], app[SESSION].connector)
+    lean = app.get(LEAN)
+    if lean is not None:
+        lean.sweep()
+    app[METRICS].refresh(app[ADMISSION], app[UPSTREAMS], app[SESSION].connector, lean)
 
 
 def build_app(config: Config) -> web.Application:

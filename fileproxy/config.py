@@ -340,6 +340,9 @@ class Config:
                                           "answer before returning", metavar="SECONDS")
     splice: bool = setting(True, parse_bool,
                            "relay large Content-Length bodies zero-copy with splice (Linux), both ways")
+    lean_client: bool = setting(True, parse_bool,
+                                "GETs to http:// upstreams use fileproxy's lean HTTP/1.1 client "
+                                "(httptools, own keep-alive pool); off: aiohttp's for all")
     host_header: str = setting("preserve", choice("preserve", "upstream"),
                                "Host sent upstream: the client's (preserve) or the upstream's")
     trust_forwarded: bool = setting(

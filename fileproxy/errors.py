@@ -29,3 +29,30 @@ class ProxyError(Exception):
         if self.close:
             response.force_close()
         return response
+
+
+# The upstream failures both clients (aiohttp's and fileproxy/lean.py) report, worded once.
+
+def upstream_unreachable(authority: str, reason: str) -> ProxyError:
+    return ProxyError(502, f"Bad Gateway: upstream {authority} unreachable ({reason})",
+                      kind="connect")
+
+
+def upstream_connect_timeout(authority: str) -> ProxyError:
+    return ProxyError(504, f"Gateway Timeout: connecting to upstream {authority} timed out",
+                      kind="connect_timeout")
+
+
+def upstream_closed_early(authority: str, error: object) -> ProxyError:
+    return ProxyError(502, f"Bad Gateway: upstream {authority} closed the connection before "
+                           f"responding ({error})", kind="reset")
+
+
+def upstream_header_timeout(authority: str) -> ProxyError:
+    return ProxyError(504, f"Gateway Timeout: upstream {authority} sent no response headers "
+                           "within the read timeout", kind="timeout")
+
+
+def upstream_invalid(authority: str, error: object) -> ProxyError:
+    return ProxyError(502, f"Bad Gateway: invalid response from upstream {authority} ({error})",
+                      kind="invalid")

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from http import HTTPStatus
+from typing import TYPE_CHECKING
 
-from aiohttp import ClientResponse, hdrs, web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
 from fileproxy.config import Config
 from fileproxy.errors import ProxyError
+
+if TYPE_CHECKING:
+    from fileproxy.upstream import UpstreamResponse
 
 # RFC 9110 7.6.1 and the de-facto ones every proxy strips.
 HOP_BY_HOP = frozenset({
@@ -148,14 +153,28 @@ def peer_address(request: web.Request) -> str | None:
 
 # ---------------------------------------------------------------- response side
 
-def response_headers(upstream: ClientResponse) -> CIMultiDict[str]:
+def response_headers(upstream: UpstreamResponse) -> CIMultiDict[str]:
     """The upstream's end-to-end response headers in order, framing headers left to the proxy."""
     return end_to_end(CIMultiDict(upstream.headers), RESPONSE_DROP)
 
 
-def response_length(upstream: ClientResponse) -> int | None:
+def response_length(upstream: UpstreamResponse) -> int | None:
     """The body length to announce downstream, or None to stream it chunked."""
     if "chunked" in upstream.headers.get(hdrs.TRANSFER_ENCODING, "").lower():
         return None
     length = upstream.headers.get(hdrs.CONTENT_LENGTH)
     return int(length) if length is not None and length.isdigit() else None
+
+
+def interim_head(status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A 1xx interim response (such as 103 Early Hints) as it goes to the client, hop-by-hop
+    headers removed."""
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Informational"
+    lines = [f"HTTP/1.1 {status} {reason}\r\n".encode()]
+    lines += [name + b": " + value + b"\r\n" for name, value in headers
+              if name.decode("latin-1").lower() not in HOP_BY_HOP]
+    lines.append(b"\r\n")
+    return b"".join(lines)

@@ -6,6 +6,7 @@ from aiohttp import ClientSession, web
 
 from fileproxy.admission import Admission
 from fileproxy.config import Config
+from fileproxy.lean import LeanPool
 from fileproxy.metrics import Metrics
 from fileproxy.retry import RetryPolicy
 from fileproxy.state import StateStore
@@ -16,6 +17,7 @@ from fileproxy.upstreams import Upstreams
 CONFIG = web.AppKey("config", Config)
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
 SESSION = web.AppKey("session", ClientSession)
+LEAN = web.AppKey("lean", LeanPool)  # set when --lean-client is on
 ADMISSION = web.AppKey("admission", Admission)
 RETRY = web.AppKey("retry", RetryPolicy)
 METRICS = web.AppKey("metrics", Metrics)

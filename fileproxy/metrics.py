@@ -1,16 +1,18 @@
 """Metrics with prometheus-client, one consistent answer across gunicorn workers (multiprocess mode),
-and the /stats JSON summary built from the same numbers."""
+and the /stats JSON summary built from the same numbers. Requests are tallied in plain ints and
+reach the shared numbers every second (and before a worker answers /metrics or /stats)."""
 
 from __future__ import annotations
 
-import contextlib
+import bisect
+import collections
 import math
 import os
 import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +72,46 @@ class RateMeter:
         while self._buckets and self._buckets[0][0] <= horizon:
             self._buckets.popleft()
         return sum(count for _, count in self._buckets) / self.window
+
+
+@dataclass
+class HistogramTally:
+    """Observations since the last flush, bucketed in plain ints (the request path takes no lock
+    and writes no shared memory); flush() adds them to a prometheus Histogram."""
+
+    bounds: tuple[float, ...] = BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def flush(self, histogram: Any) -> None:
+        """prometheus_client has no bulk observe: add to its bucket and sum values directly
+        (Histogram._buckets/_sum; prometheus-client is pinned below 1)."""
+        if not any(self.counts):
+            return
+        histogram._sum.inc(self.total)
+        for bucket, count in zip(histogram._buckets, self.counts, strict=True):
+            if count:
+                bucket.inc(count)
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+
+
+@dataclass
+class Tally:
+    """The request path's counts since the last flush into prometheus (every second and before
+    each scrape)."""
+
+    active: int = 0
+    requests: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+    duration: HistogramTally = field(default_factory=HistogramTally)
+    ttfb: HistogramTally = field(default_factory=HistogramTally)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    retries: int = 0
 
 
 class Metrics:
@@ -137,35 +179,46 @@ class Metrics:
         self.spool_bytes = gauge("fileproxy_upload_spool_bytes",
                                  "Spool bytes reserved by unfinished uploads", mode="livemax")
         self._rejected_seen: dict[str, int] = {}
+        self.tally = Tally()
 
     # -- recording, on the request path
 
-    @contextlib.contextmanager
-    def track(self, exchange: Exchange) -> Iterator[None]:
-        """Around the whole handler: counts it active, then records how it ended."""
-        self.active.inc()
+    def started_one(self) -> None:
+        """A request came in (paired with finished())."""
+        self.tally.active += 1
         self.rate.add()
-        try:
-            yield
-        finally:
-            self.active.dec()
-            self.finished(exchange, time.monotonic() - exchange.started)
 
     def finished(self, exchange: Exchange, duration: float) -> None:
-        self.requests.labels(exchange.outcome, str(exchange.status)).inc()
-        self.duration.observe(duration)
+        tally = self.tally
+        tally.active -= 1
+        tally.requests[exchange.outcome, str(exchange.status)] += 1
+        tally.duration.observe(duration)
         if exchange.ttfb is not None:
-            self.ttfb.observe(exchange.ttfb)
+            tally.ttfb.observe(exchange.ttfb)
         if duration < self._shortest:
             self._shortest = duration
             self.duration_min.labels("all").set(duration)
         if duration > self._longest:
             self._longest = duration
             self.duration_max.labels("all").set(duration)
-        self.bytes_in.inc(exchange.bytes_in)
-        self.bytes_out.inc(exchange.bytes_out)
-        if exchange.retries:
-            self.retries.inc(exchange.retries)
+        tally.bytes_in += exchange.bytes_in
+        tally.bytes_out += exchange.bytes_out
+        tally.retries += exchange.retries
+
+    def flush(self) -> None:
+        """Move the tally into prometheus, where /metrics and /stats (all workers) read it."""
+        tally = self.tally
+        self.active.set(tally.active)
+        for (outcome, status), count in tally.requests.items():
+            self.requests.labels(outcome, status).inc(count)
+        tally.requests.clear()
+        tally.duration.flush(self.duration)
+        tally.ttfb.flush(self.ttfb)
+        for counter, name in ((self.bytes_in, "bytes_in"), (self.bytes_out, "bytes_out"),
+                              (self.retries, "retries")):
+            if getattr(tally, name):
+                counter.inc(getattr(tally, name))
+                setattr(tally, name, 0)
 
     def upstream_error(self, upstream: str, kind: str) -> None:
         self.upstream_errors.labels(upstream, kind or "other").inc()
@@ -175,7 +228,8 @@ class Metrics:
 
     # -- sampled state, refreshed every second and before each scrape
 
-    def refresh(self, admission: Any, upstreams: Any, connector: Any) -> None:
+    def refresh(self, admission: Any, upstreams: Any, connector: Any, lean: Any = None) -> None:
+        self.flush()
         self.queued.set(admission.queued)
         self.available.set(admission.available)
         self.rps.set(self.rate.rate())
@@ -190,6 +244,9 @@ class Metrics:
                 self.circuit.labels(upstream.authority, name).set(1 if name == state else 0)
             self.in_flight.labels(upstream.authority).set(upstream.in_flight)
         idle, in_use = pool_sizes(connector)
+        if lean is not None:
+            lean_idle, lean_in_use = lean.sizes()
+            idle, in_use = idle + lean_idle, in_use + lean_in_use
         self.pool.labels("idle").set(idle)
         self.pool.labels("in_use").set(in_use)
         self.pool.labels("open").set(idle + in_use)

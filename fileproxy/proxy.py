@@ -10,16 +10,17 @@ import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
-from aiohttp import ClientResponse, web
+from aiohttp import web
 
 from fileproxy.accesslog import EXCHANGE, Exchange
 from fileproxy.errors import ProxyError
-from fileproxy.headers import Outgoing, check_request, outgoing_request, peer_address
-from fileproxy.keys import ADMISSION, CONFIG, METRICS, RETRY, SESSION, TASKS, UPSTREAMS
+from fileproxy.headers import Outgoing, check_request, interim_head, outgoing_request, peer_address
+from fileproxy.keys import ADMISSION, CONFIG, LEAN, METRICS, RETRY, SESSION, TASKS, UPSTREAMS
+from fileproxy.lean import Interim
 from fileproxy.state import StateUnavailable
-from fileproxy.streaming import abort_client, relay_body, start_response
+from fileproxy.streaming import relay, within
 from fileproxy.tasks import task_unavailable
-from fileproxy.upstream import ForwardedBody, body_payload, send
+from fileproxy.upstream import ForwardedBody, UpstreamResponse, body_payload, send
 from fileproxy.upstreams import Upstream
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -30,20 +31,24 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     app = request.app
     config = app[CONFIG]
     exchange = request[EXCHANGE] = Exchange(request_id_for(request), time.monotonic())
-    with app[METRICS].track(exchange):
-        try:
-            # 1. validate and build the upstream request (4xx here never reaches an upstream)
-            target = check_request(request, config)
-            outgoing = outgoing_request(request, config, target, exchange.request_id)
-            # (async task mode: store it, answer 202, run it later on any worker)
-            if app[TASKS].wants_async(request):
-                return await submit_task(request, outgoing, exchange)
-            # 2. admission: a slot, a short bounded wait for one, or 503 at once
-            async with app[ADMISSION].slot(peer_address(request) or "-"):
-                return await forward(request, outgoing, exchange)  # --total-timeout inside
-        except ProxyError as error:
-            exchange.fail(error)
-            return error.response(exchange.request_id)
+    metrics = app[METRICS]
+    metrics.started_one()
+    try:
+        # 1. validate and build the upstream request (4xx here never reaches an upstream)
+        target = check_request(request, config)
+        outgoing = outgoing_request(request, config, target, exchange.request_id)
+        # (async task mode: store it, answer 202, run it later on any worker)
+        if app[TASKS].wants_async(request):
+            return await submit_task(request, outgoing, exchange)
+        # 2. admission: a slot, a short bounded wait for one, or 503 at once
+        async with app[ADMISSION].slot(peer_address(request) or "-"):
+            return await forward(request, outgoing, exchange)  # --total-timeout inside
+    except ProxyError as error:
+        exchange.fail(error)
+        return error.response(exchange.request_id)
+    finally:
+        # 6. metrics (the access log line is written by aiohttp once the response is sent)
+        metrics.finished(exchange, time.monotonic() - exchange.started)
 
 
 async def submit_task(request: web.Request, outgoing: Outgoing,
@@ -65,9 +70,9 @@ async def forward(request: web.Request, outgoing: Outgoing,
     deadline = total_deadline(config.total_timeout, exchange)
     body = body_payload(request, outgoing, config.splice)
     try:
-        async with asyncio.timeout_at(deadline):
-            upstream, upstream_response = await send_with_retries(request.app, outgoing, body,
-                                                                  exchange)
+        async with within(deadline):
+            upstream, upstream_response = await send_with_retries(
+                request.app, outgoing, body, exchange, interim=interim_relay(request))
     except TimeoutError:
         request.app[METRICS].upstream_error(exchange.upstream, "total_timeout")
         raise ProxyError(504, f"Gateway Timeout: no response within the total timeout of "
@@ -77,13 +82,7 @@ async def forward(request: web.Request, outgoing: Outgoing,
     exchange.ttfb = time.monotonic() - exchange.started
     try:
         async with upstream_response:
-            response = await start_response(request, upstream_response)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await relay_body(request, upstream_response, response, config)
-            except TimeoutError:
-                abort_client(request, response, f"total timeout of {config.total_timeout:g} s",
-                             fault="timeout")
+            response = await relay(request, upstream_response, config, deadline)
     finally:
         upstream.end()
     exchange.relayed(response)
@@ -94,8 +93,8 @@ async def forward(request: web.Request, outgoing: Outgoing,
 
 async def send_with_retries(app: web.Application, outgoing: Outgoing,
                             body: ForwardedBody | None, exchange: Exchange,
-                            timeout: aiohttp.ClientTimeout | None = None
-                            ) -> tuple[Upstream, ClientResponse]:
+                            timeout: aiohttp.ClientTimeout | None = None,
+                            interim: Interim | None = None) -> tuple[Upstream, UpstreamResponse]:
     """One attempt per upstream while the policy allows: connect errors, resets before headers and
     the retry statuses count against the upstream's breaker and are retried when safe, on another
     upstream when there is one. Returns the upstream, still counted in flight, and its response.
@@ -109,7 +108,8 @@ async def send_with_retries(app: web.Application, outgoing: Outgoing,
         exchange.upstream = upstream.authority
         upstream.begin()
         try:
-            response = await send(app[SESSION], upstream, outgoing, body, timeout)
+            response = await send(app[SESSION], upstream, outgoing, body, timeout, app.get(LEAN),
+                                  interim)
         except ProxyError as error:
             upstream.end()
             upstream.record(failed=True)
@@ -132,6 +132,20 @@ async def send_with_retries(app: web.Application, outgoing: Outgoing,
             upstream.end()
         exchange.retries += 1
         await asyncio.sleep(policy.backoff(exchange.retries))
+
+
+def interim_relay(request: web.Request) -> Interim | None:
+    """Pass 1xx interim responses such as 103 Early Hints (RFC 9110 15.2) to an HTTP/1.1 client
+    ahead of the final one; 100 Continue is between the proxy and each side."""
+    if request.version < (1, 1):
+        return None
+
+    def relay(status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        transport = request.transport
+        if status not in (100, 101) and transport is not None and not transport.is_closing():
+            transport.write(interim_head(status, headers))
+
+    return relay
 
 
 def total_deadline(total_timeout: float, exchange: Exchange) -> float | None:

@@ -19,11 +19,13 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from aiohttp import ClientResponse, StreamReader, web
-from aiohttp.base_protocol import BaseProtocol
+from aiohttp import web
 from aiohttp.http_writer import StreamWriter
+
+if TYPE_CHECKING:
+    from fileproxy.upstream import UpstreamResponse
 
 PIPE_SIZE = 256 << 10
 MIN_SPLICE_BYTES = 1 << 20  # below this the set-up costs more than the copies it saves
@@ -113,7 +115,7 @@ class Readiness:
         self._want(False, False)
 
 
-def take_buffered(protocol: BaseProtocol, content: StreamReader) -> list[bytes]:
+def take_buffered(protocol: Any, content: Any) -> list[bytes]:
     """Pause aiohttp's reading of a connection and take every body byte it already holds.
 
     read_nowait() resumes the protocol whenever the buffer runs low, which also feeds the parser
@@ -146,7 +148,7 @@ async def write_all(writer: StreamWriter, chunks: list[bytes]) -> int:
     return sum(map(len, chunks))
 
 
-async def splice_response_body(request: web.Request, upstream: ClientResponse, sent: Sent,
+async def splice_response_body(request: web.Request, upstream: UpstreamResponse, sent: Sent,
                                length: int, read_timeout: float) -> None:
     """Upstream -> client, counting in sent.body_bytes what reached the client's socket.
     Raises SourceCut or SinkGone; the caller closes the upstream connection in every case."""

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from contextlib import AbstractAsyncContextManager
 
 import aiohttp
-from aiohttp import ClientResponse, hdrs, web
+from aiohttp import hdrs, web
 
 from fileproxy.config import Config
 from fileproxy.headers import response_headers, response_length
+from fileproxy.lean import LeanResponse
 from fileproxy.responses import NoDefaultHeaders
 from fileproxy.splice import SinkGone, SourceCut, can_splice, splice_response_body
+from fileproxy.upstream import UpstreamResponse
 
 log = logging.getLogger("fileproxy.streaming")
 
@@ -18,7 +23,7 @@ log = logging.getLogger("fileproxy.streaming")
 class RelayedResponse(NoDefaultHeaders, web.StreamResponse):
     """The upstream's status and end-to-end headers; no Server or Content-Type of our own."""
 
-    def __init__(self, upstream: ClientResponse) -> None:
+    def __init__(self, upstream: UpstreamResponse) -> None:
         super().__init__(status=upstream.status, reason=upstream.reason,
                          headers=response_headers(upstream))
         self.keep_headers_set_so_far()
@@ -30,7 +35,51 @@ class RelayedResponse(NoDefaultHeaders, web.StreamResponse):
         self.fault: str | None = None
 
 
-async def start_response(request: web.Request, upstream: ClientResponse) -> RelayedResponse:
+class WholeResponse(NoDefaultHeaders, web.Response):
+    """A small upstream response that arrived whole with its headers: aiohttp sends it in one
+    write, without the streaming machinery."""
+
+    aborted: str | None = None
+    fault: str | None = None
+
+    def __init__(self, upstream: UpstreamResponse, body: bytes) -> None:
+        super().__init__(status=upstream.status, reason=upstream.reason,
+                         headers=response_headers(upstream), body=body)
+        self.keep_headers_set_so_far()
+        self.body_bytes = len(body)
+
+
+async def relay(request: web.Request, upstream: UpstreamResponse, config: Config,
+                deadline: float | None) -> RelayedResponse | WholeResponse:
+    """The upstream's response to the client: whole when it is small and already here, else
+    streamed (headers first, then the body) within the total deadline."""
+    whole = arrived_whole(request, upstream)
+    if whole is not None:
+        return WholeResponse(upstream, whole)
+    response = await start_response(request, upstream)
+    try:
+        async with within(deadline):
+            await relay_body(request, upstream, response, config)
+    except TimeoutError:
+        abort_client(request, response, f"total timeout of {config.total_timeout:g} s",
+                     fault="timeout")
+    return response
+
+
+def arrived_whole(request: web.Request, upstream: UpstreamResponse) -> bytes | None:
+    """The body of a lean-client response that is complete already and has a Content-Length."""
+    if not isinstance(upstream, LeanResponse) or not body_expected(request, upstream) \
+            or hdrs.CONTENT_LENGTH not in upstream.headers:
+        return None
+    return upstream.content.whole()
+
+
+def within(deadline: float | None) -> AbstractAsyncContextManager[object]:
+    """asyncio.timeout_at, or nothing at all without a deadline (the common, cheap case)."""
+    return asyncio.timeout_at(deadline) if deadline is not None else contextlib.nullcontext()
+
+
+async def start_response(request: web.Request, upstream: UpstreamResponse) -> RelayedResponse:
     """Send the upstream's status and headers (Content-Length kept when it gave one)."""
     response = RelayedResponse(upstream)
     length = response_length(upstream)
@@ -40,7 +89,7 @@ async def start_response(request: web.Request, upstream: ClientResponse) -> Rela
     return response
 
 
-async def relay_body(request: web.Request, upstream: ClientResponse, response: RelayedResponse,
+async def relay_body(request: web.Request, upstream: UpstreamResponse, response: RelayedResponse,
                      config: Config) -> None:
     """Send the upstream's body, spliced when large and of known length; a body cut short closes
     the client connection instead of ending cleanly."""
@@ -56,12 +105,12 @@ async def relay_body(request: web.Request, upstream: ClientResponse, response: R
         await response.write_eof()
 
 
-def body_expected(request: web.Request, upstream: ClientResponse) -> bool:
+def body_expected(request: web.Request, upstream: UpstreamResponse) -> bool:
     return request.method != hdrs.METH_HEAD and upstream.status not in (204, 304) \
         and upstream.status >= 200
 
 
-async def copy_body(request: web.Request, upstream: ClientResponse,
+async def copy_body(request: web.Request, upstream: UpstreamResponse,
                     response: RelayedResponse) -> None:
     """Write what the upstream has buffered (the session's read_bufsize ahead, no more) as it
     comes; write() drains, so the upstream is never read faster than the client takes bytes."""
@@ -83,7 +132,7 @@ async def copy_body(request: web.Request, upstream: ClientResponse,
         response.body_bytes += len(chunk)
 
 
-async def splice_relay(request: web.Request, upstream: ClientResponse, response: RelayedResponse,
+async def splice_relay(request: web.Request, upstream: UpstreamResponse, response: RelayedResponse,
                        length: int, read_timeout: float) -> None:
     """The zero-copy path (fileproxy/splice.py), with the same outcomes as copy_body."""
     try:

@@ -150,9 +150,12 @@ class TaskManager:
     # -- submitting
 
     def wants_async(self, request: web.Request) -> bool:
-        prefer = request.headers.get("Prefer", "").lower()
-        if "respond-async" in [token.strip().split("=")[0] for token in prefer.split(",")]:
+        prefer = request.headers.get("Prefer")
+        if prefer and "respond-async" in [token.strip().split("=")[0]
+                                          for token in prefer.lower().split(",")]:
             return True
+        if not self.config.async_route:
+            return False
         line = f"{request.method} {request.path}"
         return any(fnmatch.fnmatchcase(line, pattern) for pattern in self.config.async_route)
 

@@ -11,8 +11,15 @@ from aiohttp.http_writer import StreamWriter
 from aiohttp.payload import Payload
 
 from fileproxy.config import Config
-from fileproxy.errors import ProxyError
+from fileproxy.errors import (
+    upstream_closed_early,
+    upstream_connect_timeout,
+    upstream_header_timeout,
+    upstream_invalid,
+    upstream_unreachable,
+)
 from fileproxy.headers import Outgoing
+from fileproxy.lean import Interim, LeanPool, LeanResponse, can_use
 from fileproxy.retry import IDEMPOTENT
 from fileproxy.sockets import SocketOptions
 from fileproxy.splice import can_splice, splice_request_body
@@ -47,6 +54,9 @@ def make_session(config: Config) -> ClientSession:
         max_field_size=UPSTREAM_MAX_FIELD_SIZE,
         max_line_size=UPSTREAM_MAX_FIELD_SIZE,
     )
+
+
+UpstreamResponse = ClientResponse | LeanResponse
 
 
 # Set on a request whose body was spliced: aiohttp's parser for that connection is out of step,
@@ -116,14 +126,17 @@ def body_payload(request: web.Request, outgoing: Outgoing, splice: bool) -> Clie
 
 
 async def send(session: ClientSession, upstream: Upstream, outgoing: Outgoing,
-               body: ForwardedBody | None,
-               timeout: aiohttp.ClientTimeout | None = None) -> ClientResponse:
+               body: ForwardedBody | None, timeout: aiohttp.ClientTimeout | None = None,
+               lean: LeanPool | None = None, interim: Interim | None = None) -> UpstreamResponse:
     """Send the request and return the response once its headers arrived; errors -> 502/504.
 
+    GETs go through the lean client when it is on (fileproxy/lean.py); the rest through aiohttp.
     A pooled connection the upstream closed just as it was reused (the keep-alive race) is
     retried once on another connection while no byte of the client's body has been read: aiohttp
     itself does this for idempotent methods, this covers the rest.
     """
+    if lean is not None and timeout is None and body is None and can_use(outgoing, upstream):
+        return await lean.send(upstream, outgoing, interim)
     url = upstream.url_for(outgoing.target)
     headers = outgoing.headers_for(upstream.authority)
     for attempt in (1, 2):
@@ -133,25 +146,17 @@ async def send(session: ClientSession, upstream: Upstream, outgoing: Outgoing,
                                          timeout=timeout or session.timeout)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
             if isinstance(error, aiohttp.ClientConnectorError):
-                raise unreachable(upstream, error) from error
+                os_error = error.os_error
+                raise upstream_unreachable(upstream.authority,
+                                           os_error.strerror or str(os_error)) from error
             if attempt == 1 and body is not None and not body.consumed \
                     and outgoing.method not in IDEMPOTENT:
                 continue
-            raise ProxyError(502, f"Bad Gateway: upstream {upstream.authority} closed the "
-                                  f"connection before responding ({error})") from error
+            raise upstream_closed_early(upstream.authority, error) from error
         except aiohttp.ConnectionTimeoutError as error:
-            raise ProxyError(504, f"Gateway Timeout: connecting to upstream {upstream.authority} "
-                                  "timed out") from error
+            raise upstream_connect_timeout(upstream.authority) from error
         except (TimeoutError, aiohttp.ServerTimeoutError) as error:
-            raise ProxyError(504, f"Gateway Timeout: upstream {upstream.authority} sent no "
-                                  "response headers within the read timeout") from error
+            raise upstream_header_timeout(upstream.authority) from error
         except aiohttp.ClientError as error:
-            raise ProxyError(502, f"Bad Gateway: invalid response from upstream "
-                                  f"{upstream.authority} ({error})") from error
+            raise upstream_invalid(upstream.authority, error) from error
     raise AssertionError("unreachable")
-
-
-def unreachable(upstream: Upstream, error: aiohttp.ClientConnectorError) -> ProxyError:
-    reason = error.os_error.strerror or str(error.os_error)
-    return ProxyError(502, f"Bad Gateway: upstream {upstream.authority} unreachable ({reason})",
-                      kind="connect")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 from yarl import URL
 
@@ -24,13 +25,24 @@ class Upstream:
     healthy: bool = True  # the active health check's verdict (always True without checks)
     current: int = 0  # smooth weighted round robin's running weight
 
-    @property
+    @cached_property
     def url(self) -> URL:
         return URL(self.base, encoded=True)
 
-    @property
+    @cached_property
     def authority(self) -> str:
         return self.url.raw_authority
+
+    @cached_property
+    def address(self) -> tuple[str, int]:
+        """(host, port) to connect to."""
+        assert self.url.host is not None and self.url.port is not None
+        return self.url.host, self.url.port
+
+    @cached_property
+    def path_prefix(self) -> str:
+        """What the base URL has after its authority ('' for none): it goes before every target."""
+        return self.base.split("://", 1)[1][len(self.authority):]
 
     def url_for(self, target: str) -> URL:
         """base + the raw target, byte-for-byte: no decoding, merging of '//' or re-encoding."""
@@ -90,6 +102,11 @@ class Upstreams:
 
     def choose(self, exclude: set[Upstream] | frozenset[Upstream] = frozenset()) -> Upstream:
         """The next upstream for an attempt (others than `exclude` first), or 503."""
+        if len(self.members) == 1:  # the common case, without building lists
+            only = self.members[0]
+            if only.usable() and (only.breaker is None or only.breaker.allow()):
+                return only
+            raise self.none_available()
         candidates = [u for u in self.members if u.usable() and u not in exclude] or \
             [u for u in self.members if u.usable()]
         while candidates:

@@ -69,7 +69,7 @@ def test_sync_client_and_cli(tmp_path):
         waited = subprocess.run([sys.executable, "-m", "fileproxy.client", "wait", "--base",
                                  proxy_url, submitted.stdout.strip()], capture_output=True,
                                 text=True, timeout=60)
-        assert '"upstream_status": 204' in waited.stdout
+        assert '"upstream_status": 204' in waited.stdout, (submitted, waited)
     finally:
         stop(proxy)
         stop(origin)

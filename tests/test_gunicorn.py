@@ -88,14 +88,20 @@ def get_json(url: str) -> dict:
 
 
 def test_stats_are_the_same_whichever_worker_answers(gunicorn_proxy: GunicornProxy):
+    time.sleep(1.2)  # earlier tests' requests have reached the shared numbers
     before = get_json(f"{gunicorn_proxy.url}/_fileproxy/stats")["requests"]["total"]
     for _ in range(40):  # a new connection each time: both workers serve some
         request = urllib.request.Request(f"{gunicorn_proxy.url}/status/200",
                                          headers={"Connection": "close"})
         with urllib.request.urlopen(request) as response:
             response.read()
-    seen = {get_json(f"{gunicorn_proxy.url}/_fileproxy/stats")["requests"]["total"]
-            for _ in range(10)}
+    # Each worker moves its counts into the shared files every second (and before answering).
+    for _ in range(30):
+        seen = {get_json(f"{gunicorn_proxy.url}/_fileproxy/stats")["requests"]["total"]
+                for _ in range(10)}
+        if seen == {before + 40}:
+            break
+        time.sleep(0.1)
     assert seen == {before + 40}
     with urllib.request.urlopen(f"{gunicorn_proxy.url}/_fileproxy/metrics") as response:
         text = response.read().decode()

@@ -93,7 +93,7 @@ async def test_keepalive_race_is_retried_for_idempotent_requests(make_proxy, cli
 async def test_keepalive_race_retries_a_post_whose_body_was_not_sent_yet(make_proxy, client):
     async with RawServer(closes_second_request_on_each_connection) as origin:
         proxy = await make_proxy(origin.url)
-        async with client.get(f"{proxy.url}/warm") as response:
+        async with client.delete(f"{proxy.url}/warm") as response:  # aiohttp's pool, as POST
             await response.read()
         async with client.post(f"{proxy.url}/submit", data=b"payload", expect100=True) as response:
             assert response.status == 200
@@ -104,7 +104,7 @@ async def test_keepalive_race_retries_a_post_whose_body_was_not_sent_yet(make_pr
 async def test_post_whose_body_was_sent_is_not_retried(make_proxy, client):
     async with RawServer(closes_second_request_on_each_connection) as origin:
         proxy = await make_proxy(origin.url)
-        async with client.get(f"{proxy.url}/warm") as response:
+        async with client.delete(f"{proxy.url}/warm") as response:  # aiohttp's pool, as POST
             await response.read()
         async with client.post(f"{proxy.url}/submit", data=b"payload") as response:
             assert response.status == 502
