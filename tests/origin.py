@@ -108,6 +108,7 @@ async def bytes_handler(request: web.Request) -> web.StreamResponse:
         for piece in pattern(start, end - start, seed):
             await response.write(piece)
     await response.write_eof()
+    record(request, "bytes-sent", size=end - start)
     return response
 
 

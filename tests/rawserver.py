@@ -58,6 +58,8 @@ class RawServer:
                 request.body = await read_body(reader, head)
                 writer.write(answer)
                 await writer.drain()
+                if re.search(rb"(?i)\r\nconnection:\s*close", answer.partition(b"\r\n\r\n")[0]):
+                    break  # as a server must after announcing it
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
