@@ -197,6 +197,11 @@ class Config:
         300.0, positive(parse_seconds),
         "seconds the upstream may stay silent (before headers: 504; mid-body: abort)",
         metavar="SECONDS")
+    client_timeout: float = setting(
+        60.0, parse_seconds,
+        "seconds a client may stall mid-transfer (send no body byte, take no response byte) "
+        "before its connection is closed, as nginx's client_body_timeout/send_timeout; 0: never",
+        metavar="SECONDS")
     client_keepalive: float = setting(
         75.0, positive(parse_seconds), "seconds an idle client connection is kept open",
         metavar="SECONDS")

@@ -68,7 +68,7 @@ async def forward(request: web.Request, outgoing: Outgoing,
     """3-5: choose an upstream and send (retrying while safe), then stream the response back."""
     config = request.app[CONFIG]
     deadline = total_deadline(config.total_timeout, exchange)
-    body = body_payload(request, outgoing, config.splice)
+    body = body_payload(request, outgoing, config)
     try:
         async with within(deadline):
             upstream, upstream_response = await send_with_retries(

@@ -46,6 +46,15 @@ class Sent(Protocol):
     body_bytes: int
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds each side may stall (0: no limit): the source sending nothing while the pipe is
+    empty, the sink taking nothing while it is not."""
+
+    source: float
+    sink: float
+
+
 def tcp_fd(transport: asyncio.BaseTransport | None) -> int | None:
     """The socket fd of a plain (non-TLS) TCP transport, else None."""
     if transport is None or transport.is_closing() or transport.get_extra_info("sslcontext"):
@@ -149,7 +158,7 @@ async def write_all(writer: StreamWriter, chunks: list[bytes]) -> int:
 
 
 async def splice_response_body(request: web.Request, upstream: UpstreamResponse, sent: Sent,
-                               length: int, read_timeout: float) -> None:
+                               length: int, timeouts: Timeouts) -> None:
     """Upstream -> client, counting in sent.body_bytes what reached the client's socket.
     Raises SourceCut or SinkGone; the caller closes the upstream connection in every case."""
     assert upstream.connection is not None and request.transport is not None
@@ -157,17 +166,18 @@ async def splice_response_body(request: web.Request, upstream: UpstreamResponse,
     assert isinstance(request.writer, StreamWriter)
     sent.body_bytes += await write_all(request.writer, buffered)
     await splice_rest(upstream.connection.transport, request.transport, length - sent.body_bytes,
-                      read_timeout, sent)
+                      timeouts, sent)
 
 
 async def splice_request_body(request: web.Request, writer: StreamWriter, length: int,
-                              sent: Sent) -> None:
+                              sent: Sent, timeouts: Timeouts) -> None:
     """Client -> upstream. The client connection cannot carry another request afterwards."""
     assert writer.transport is not None and request.transport is not None
     buffered = take_buffered(request.protocol, request.content)
     sent.body_bytes += await write_all(writer, buffered)
     try:
-        await splice_rest(request.transport, writer.transport, length - sent.body_bytes, None, sent)
+        await splice_rest(request.transport, writer.transport, length - sent.body_bytes, timeouts,
+                          sent)
     except SourceCut:
         request.transport.close()  # the client broke off: this cancels the whole exchange
         raise
@@ -185,12 +195,12 @@ def end_body_quietly(request: web.Request) -> None:
 
 
 async def splice_rest(source: asyncio.BaseTransport | None, sink: asyncio.BaseTransport | None,
-                      remaining: int, read_timeout: float | None, sent: Sent) -> None:
+                      remaining: int, timeouts: Timeouts, sent: Sent) -> None:
     source_fd, sink_fd = tcp_fd(source), tcp_fd(sink)
     if source_fd is None or sink_fd is None:
         raise SinkGone("connection closed while taking over")
     with spliced_fds(source_fd, sink_fd) as (source_dup, sink_dup, pipe_r, pipe_w):
-        pump = Pump(source_dup, sink_dup, pipe_r, pipe_w, read_timeout, sent)
+        pump = Pump(source_dup, sink_dup, pipe_r, pipe_w, timeouts, sent)
         await pump.run(remaining)
 
 
@@ -202,7 +212,7 @@ class Pump:
     sink: int
     pipe_r: int
     pipe_w: int
-    read_timeout: float | None  # only while waiting on the source with the pipe empty
+    timeouts: Timeouts
     sent: Sent
 
     async def run(self, remaining: int) -> None:
@@ -232,10 +242,14 @@ class Pump:
             readiness.close()
 
     async def wait(self, readiness: Readiness, read: bool, write: bool) -> None:
+        """With bytes in the pipe the sink is what holds things up, else the source."""
+        limit = (self.timeouts.sink if write else self.timeouts.source) or None
         try:
-            await readiness.wait(read, write, self.read_timeout if not write else None)
+            await readiness.wait(read, write, limit)
         except TimeoutError:
-            raise SourceCut(f"silent for {self.read_timeout:g} s") from None
+            if write:
+                raise SinkGone(f"took no bytes for {limit:g} s") from None
+            raise SourceCut(f"silent for {limit:g} s") from None
 
 
 def splice_in(source: int, pipe_w: int, count: int) -> int:

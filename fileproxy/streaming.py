@@ -14,7 +14,7 @@ from fileproxy.config import Config
 from fileproxy.headers import response_headers, response_length
 from fileproxy.lean import LeanResponse
 from fileproxy.responses import NoDefaultHeaders
-from fileproxy.splice import SinkGone, SourceCut, can_splice, splice_response_body
+from fileproxy.splice import SinkGone, SourceCut, Timeouts, can_splice, splice_response_body
 from fileproxy.upstream import UpstreamResponse
 
 log = logging.getLogger("fileproxy.streaming")
@@ -98,9 +98,10 @@ async def relay_body(request: web.Request, upstream: UpstreamResponse, response:
         if config.splice and upstream.connection is not None and \
                 can_splice(length, upstream.connection.transport, request.transport):
             assert length is not None
-            await splice_relay(request, upstream, response, length, config.read_timeout)
+            await splice_relay(request, upstream, response, length,
+                               Timeouts(source=config.read_timeout, sink=config.client_timeout))
         else:
-            await copy_body(request, upstream, response)
+            await copy_body(request, upstream, response, config.client_timeout)
     if response.aborted is None:
         await response.write_eof()
 
@@ -111,7 +112,7 @@ def body_expected(request: web.Request, upstream: UpstreamResponse) -> bool:
 
 
 async def copy_body(request: web.Request, upstream: UpstreamResponse,
-                    response: RelayedResponse) -> None:
+                    response: RelayedResponse, client_timeout: float) -> None:
     """Write what the upstream has buffered (the session's read_bufsize ahead, no more) as it
     comes; write() drains, so the upstream is never read faster than the client takes bytes."""
     content = upstream.content
@@ -125,23 +126,28 @@ async def copy_body(request: web.Request, upstream: UpstreamResponse,
         if not chunk:
             return
         try:
-            await response.write(chunk)
+            async with asyncio.timeout(client_timeout or None):
+                await response.write(chunk)
         except ConnectionError:
             abort_client(request, response, "client went away", fault="client")
+            return
+        except TimeoutError:
+            abort_client(request, response, f"client took no bytes for {client_timeout:g} s",
+                         fault="client")
             return
         response.body_bytes += len(chunk)
 
 
 async def splice_relay(request: web.Request, upstream: UpstreamResponse, response: RelayedResponse,
-                       length: int, read_timeout: float) -> None:
+                       length: int, timeouts: Timeouts) -> None:
     """The zero-copy path (fileproxy/splice.py), with the same outcomes as copy_body."""
     try:
-        await splice_response_body(request, upstream, response, length, read_timeout)
+        await splice_response_body(request, upstream, response, length, timeouts)
     except (SourceCut, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
         abort_client(request, response, f"upstream body cut short after "
                                         f"{response.body_bytes} bytes ({error})")
-    except (SinkGone, ConnectionError):
-        abort_client(request, response, "client went away", fault="client")
+    except (SinkGone, ConnectionError) as error:
+        abort_client(request, response, f"client went away ({error})", fault="client")
     finally:
         upstream.close()  # aiohttp's parser never saw the spliced bytes: never reuse this one
 

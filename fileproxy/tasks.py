@@ -22,6 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from fileproxy.accesslog import Exchange
+from fileproxy.clientbody import client_body
 from fileproxy.config import Config
 from fileproxy.errors import ProxyError
 from fileproxy.headers import Outgoing
@@ -197,7 +198,7 @@ class TaskManager:
         if not request.body_exists:
             return
         async with self.keeper(task, "body") as keep:
-            async for chunk in request.content.iter_chunked(CHUNK):
+            async for chunk in client_body(request, self.config.client_timeout):
                 task.body_size += len(chunk)
                 keep.write(chunk)
         task.body_spooled = keep.spilled

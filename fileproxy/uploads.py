@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from fileproxy.clientbody import client_body
 from fileproxy.config import Config
 from fileproxy.responses import QuietResponse
 from fileproxy.state import Locked, LockHandle, StateStore, StateUnavailable
@@ -155,7 +156,7 @@ class Uploads:
         with open(self.path(upload.id), "r+b") as handle:
             handle.seek(start)
             try:
-                async for chunk in request.content.iter_chunked(CHUNK):
+                async for chunk in client_body(request, self.config.client_timeout):
                     if time.monotonic() - extended > self.config.upload_lock_ttl / 3:
                         try:
                             await lock.extend()

@@ -10,6 +10,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 from aiohttp.payload import Payload
 
+from fileproxy.clientbody import client_body
 from fileproxy.config import Config
 from fileproxy.errors import (
     upstream_closed_early,
@@ -22,7 +23,7 @@ from fileproxy.headers import Outgoing
 from fileproxy.lean import Interim, LeanPool, LeanResponse, can_use
 from fileproxy.retry import IDEMPOTENT
 from fileproxy.sockets import SocketOptions
-from fileproxy.splice import can_splice, splice_request_body
+from fileproxy.splice import Timeouts, can_splice, splice_request_body
 from fileproxy.upstreams import Upstream
 
 # Upstream responses may be header-heavy (the core issue asks for ~130 fields and long cookies).
@@ -86,10 +87,11 @@ class ClientBody(ForwardedBody):
     """The client's request body for aiohttp's client: streamed as it arrives, or spliced when large
     (fileproxy/splice.py). Sends the client its 100 Continue when the upstream asked for the body."""
 
-    def __init__(self, request: web.Request, splice: bool) -> None:
+    def __init__(self, request: web.Request, splice: bool, timeouts: Timeouts) -> None:
         super().__init__(request.content)
         self._request = request
         self._splice = splice
+        self._timeouts = timeouts  # source: the client stalling; sink: the upstream
 
     async def write_with_length(self, writer: AbstractStreamWriter,
                                 content_length: int | None) -> None:
@@ -100,9 +102,9 @@ class ClientBody(ForwardedBody):
         if self._splice and isinstance(writer, StreamWriter) and length is not None \
                 and can_splice(length, request.transport, writer.transport):
             request[CLOSE_CLIENT] = True
-            await splice_request_body(request, writer, length, self)
+            await splice_request_body(request, writer, length, self, self._timeouts)
             return
-        async for chunk in request.content.iter_any():
+        async for chunk in client_body(request, self._timeouts.source):
             await writer.write(chunk)
             self.body_bytes += len(chunk)
 
@@ -121,8 +123,11 @@ async def close_client_if_spliced(request: web.Request, response: web.StreamResp
         response.headers["Connection"] = "close"
 
 
-def body_payload(request: web.Request, outgoing: Outgoing, splice: bool) -> ClientBody | None:
-    return ClientBody(request, splice) if outgoing.has_body else None
+def body_payload(request: web.Request, outgoing: Outgoing, config: Config) -> ClientBody | None:
+    if not outgoing.has_body:
+        return None
+    return ClientBody(request, config.splice,
+                      Timeouts(source=config.client_timeout, sink=config.read_timeout))
 
 
 async def send(session: ClientSession, upstream: Upstream, outgoing: Outgoing,

@@ -246,3 +246,25 @@ async def test_a_stalled_patch_taken_over_does_not_rewind_the_upload(origin, mak
     await asyncio.sleep(0.3)
     assert await offset_of(client, url) == size
     assert len(origin.events("body-complete")) == 1
+
+
+async def test_a_stalled_patch_is_cut_off_and_frees_the_upload(origin, make_proxy, client):
+    """--client-timeout ends a PATCH whose client went silent: what arrived is kept, and the
+    client resumes at once instead of waiting for the lock to expire."""
+    proxy = await make_proxy(origin.url, client_timeout=0.5, upload_lock_ttl=60)
+    size = 2 * MIB
+    body = b"".join(pattern(0, size, seed=8))
+    url = await create(client, proxy, size)
+    path = url.split("//", 1)[1].split("/", 1)[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(f"PATCH /{path} HTTP/1.1\r\nHost: t\r\nTus-Resumable: 1.0.0\r\n"
+                 f"Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
+                 f"Content-Length: {size}\r\n\r\n".encode() + body[:MIB])
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 10) == b"", "cut off after the client timeout"
+    writer.close()
+    offset = await offset_of(client, url)
+    assert offset == MIB, "what arrived before the stall was kept"
+    async with await patch(client, url, offset, body[offset:]) as response:
+        assert response.status == 204
+    assert len(origin.events("body-complete")) == 1

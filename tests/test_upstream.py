@@ -16,6 +16,7 @@ from fileproxy.sockets import SocketOptions, read_options
 from tests.conftest import free_port
 from tests.rawserver import RawServer
 
+MIB = 1024 * 1024
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
@@ -175,3 +176,45 @@ async def test_client_leaving_before_headers_cancels_the_upstream_request(proxy,
     await asyncio.sleep(0.3)
     writer.close()
     assert await wait_for_event(origin, "cancelled", 2.0)
+
+
+async def until(condition, seconds: float = 5.0) -> bool:
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("splice", [True, False])
+async def test_a_client_that_stalls_mid_upload_is_cut_off(origin, make_proxy, splice):
+    """--client-timeout: no body byte for that long closes the client connection, and the
+    upstream sees an incomplete body, never a complete one."""
+    proxy = await make_proxy(origin.url, client_timeout=0.5, splice=splice)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"PUT /echo/stalled HTTP/1.1\r\nHost: t\r\nContent-Length: 8000000\r\n\r\n"
+                 + b"s" * 3_000_000)
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 10) == b"", "the proxy closed the connection"
+    assert await until(lambda: origin.events("body-incomplete"))
+    assert not origin.events("body-complete")
+    writer.close()
+
+
+@pytest.mark.parametrize("splice", [True, False])
+async def test_a_client_that_takes_no_bytes_is_cut_off(origin, make_proxy, client, splice):
+    proxy = await make_proxy(origin.url, client_timeout=0.5, splice=splice)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, limit=1 << 16)
+    writer.write(f"GET /bytes/{256 * MIB} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    await writer.drain()  # ... and read nothing
+
+    async def aborted() -> int:
+        async with client.get(f"{proxy.url}/_fileproxy/stats") as response:
+            return (await response.json())["requests"]["by_outcome"].get("aborted", 0)
+
+    for _ in range(100):
+        if await aborted():
+            break
+        await asyncio.sleep(0.1)
+    assert await aborted() == 1
+    writer.close()

@@ -1,0 +1,35 @@
+"""Reading a client's request body as it arrives, and cutting off a client that stalls mid-body."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+log = logging.getLogger("fileproxy.clientbody")
+
+
+class ClientStalled(ConnectionError):
+    """The client sent no body byte for the client timeout; its connection has been closed."""
+
+
+async def client_body(request: web.Request, timeout: float) -> AsyncIterator[bytes]:
+    """The body in the pieces it arrives in. A client silent for `timeout` seconds mid-body
+    (0: no limit) has its connection closed, as nginx's client_body_timeout does, so a stalled
+    upload cannot hold a slot, an upstream connection or an upload lock for ever."""
+    content = request.content
+    while True:
+        try:
+            async with asyncio.timeout(timeout or None):
+                chunk = await content.readany()
+        except TimeoutError:
+            log.info("%s %s: the client sent no body bytes for %g s; closing its connection",
+                     request.method, request.path, timeout)
+            if request.transport is not None:
+                request.transport.close()
+            raise ClientStalled(f"no body bytes for {timeout:g} s") from None
+        if not chunk:
+            return
+        yield chunk
