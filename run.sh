@@ -35,7 +35,7 @@ case "${1:-}" in
   lint) shift; exec "$venv/bin/ruff" check "$root" "$@" ;;
   bench)
     shift
-    name="${1:?usage: ./run.sh bench loopback|load|net [args]}"; shift
+    name="${1:?usage: ./run.sh bench loopback|load|faults|net|tuning|cutupload [args]}"; shift
     exec "$py" -m "benchmarks.$name" "$@" ;;
   dev) shift; exec "$py" -m fileproxy dev "$@" ;;
   serve) shift; exec "$py" -m fileproxy serve "$@" ;;

@@ -247,13 +247,19 @@ def make_random_files(work: Workdir, size: int) -> None:
 
 # ---------------------------------------------------------------- the run
 
-def measure(run: Run, topology: Topology, work: Workdir, fileproxy_flags: list[str]
-            ) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], list[str]]:
+def open_origin(run: Run, topology: Topology, work: Workdir) -> Origin:
+    """Random files of the run's transfer size, served in the origin namespace."""
     make_random_files(work, run.transfer_bytes)
     running = start_origin(work, {}, Place(ORIGIN_ADDR, topology.origin))
-    origin = Origin(running, run.transfer_bytes,
-                    file_sha256(work.path / "files" / "big.bin") if "nginx" in running.name
-                    else pattern_sha256(run.transfer_bytes))
+    return Origin(running, run.transfer_bytes,
+                  file_sha256(work.path / "files" / "big.bin") if "nginx" in running.name
+                  else pattern_sha256(run.transfer_bytes))
+
+
+def measure(run: Run, topology: Topology, work: Workdir, fileproxy_flags: list[str]
+            ) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], list[str]]:
+    origin = open_origin(run, topology, work)
+    running = origin.running
     proxies, notes = start_proxies(running, work, fileproxy_flags,
                                    Place(PROXY_CLIENT_SIDE, topology.proxy), peers=("nginx",))
     targets = [Running("direct", running.url, None, note="routed through the proxy namespace"),
@@ -315,7 +321,7 @@ def report(run: Run, results: dict[str, Any], checks: list[dict[str, Any]], vali
             "Notes:\n" + "\n".join(f"- {note}" for note in notes))
 
 
-def chart(run: Run, results: dict[str, Any], path: Path) -> None:
+def chart(run: Run, results: dict[str, Any], path: Path, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -338,7 +344,7 @@ def chart(run: Run, results: dict[str, Any], path: Path) -> None:
     if workload and run.bottleneck_mbit:
         left.axhline(run.bottleneck_mbit, color="k", linestyle="--", linewidth=1)
         left.text(0, run.bottleneck_mbit * 1.02, "link rate", fontsize=8)
-    fig.suptitle(f"fileproxy bench net: {run.profile_name} on {run.impaired_links}")
+    fig.suptitle(title or f"fileproxy bench net: {run.profile_name} on {run.impaired_links}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
