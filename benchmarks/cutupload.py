@@ -72,7 +72,7 @@ def main() -> None:
               "client", quick=False)
     work = Workdir()
     results: dict[str, dict[str, object]] = {}
-    with Topology() as topology:
+    with Topology(emulation=run.defaults.get("emulator", "auto")) as topology:
         try:
             topology.build(run.netem_spec("client"), run.netem_spec("origin"),
                            scenario["defaults"].get("congestion", {}))

@@ -31,6 +31,7 @@ from benchmarks.common import RESULTS, markdown_table, median, progress, save_re
 from benchmarks.targets import Place, Running, Workdir, start_origin, start_proxies
 from benchmarks.topology import (
     CLIENT_ADDR,
+    EMULATIONS,
     ORIGIN_ADDR,
     PROXY_CLIENT_SIDE,
     PROXY_ORIGIN_SIDE,
@@ -288,7 +289,8 @@ def figure(rows: list[dict[str, Any]], key: str) -> tuple[float, float, float]:
 
 
 def report(run: Run, results: dict[str, Any], checks: list[dict[str, Any]], valid: bool,
-           notes: list[str], congestion: dict[str, str], fileproxy_cc: str) -> str:
+           notes: list[str], congestion: dict[str, str], fileproxy_cc: str,
+           emulation: str) -> str:
     def cell(workload: str, target: str, key: str) -> str:
         mid, low, high = figure(results[workload].get(target, []), key)
         return "-" if mid != mid else f"{mid:g} ({low:g}-{high:g})"
@@ -312,7 +314,7 @@ def report(run: Run, results: dict[str, Any], checks: list[dict[str, Any]], vali
             f"{profile['loss'] * 100:g}% loss each way; concurrency {concurrency(run)}; "
             f"congestion control {congestion}; fileproxy --tcp-congestion "
             f"{fileproxy_cc or 'auto (its default: bbr where the kernel has it)'}; "
-            "link emulator: user-space TUN delay line.")
+            f"links: {emulation}.")
     validity = "" if valid else ("\n\n**INVALID RUN: the emulated links were more than 20% off "
                                  "their configuration (see the link checks).**")
     return (f"{head}{validity}\n\nLink checks (measured before the run):\n\n"
@@ -375,6 +377,9 @@ def main() -> None:
                         help="override the scenario file's transfer_seconds")
     parser.add_argument("--scenarios", default=str(SCENARIOS))
     parser.add_argument("--fileproxy-flag", action="append", default=[])
+    parser.add_argument("--emulator", choices=EMULATIONS, default=None,
+                        help="how links are emulated (default: the scenario's, else auto: "
+                             "netem where the kernel has it, else the user-space TUN delay line)")
     parser.add_argument("--congestion", action="append", default=[], metavar="ROLE=NAME",
                         help="a namespace's default congestion control, e.g. proxy=bbr "
                              "(roles: client, proxy, origin)")
@@ -390,10 +395,11 @@ def main() -> None:
     fileproxy_cc = run.defaults.get("fileproxy_tcp_congestion", "")
     flags = [*args.fileproxy_flag, *(["--tcp-congestion", fileproxy_cc] if fileproxy_cc else [])]
     work = Workdir()
-    with Topology() as topology:
+    with Topology(emulation=args.emulator or run.defaults.get("emulator", "auto")) as topology:
         try:
             progress(f"building namespaces {topology.prefix}[c|p|o]")
             topology.build(run.netem_spec("client"), run.netem_spec("origin"), congestion)
+            progress(f"links emulated with: {topology.description}")
             checks, valid = verify_links(topology, run)
             for c in checks:
                 progress(f"link check {c['check']}: configured {c['configured']}, measured "
@@ -402,7 +408,8 @@ def main() -> None:
             emulator = topology.emulator_stats()
         finally:
             work.remove()
-    markdown = report(run, results, checks, valid, notes, congestion, fileproxy_cc)
+    markdown = report(run, results, checks, valid, notes, congestion, fileproxy_cc,
+                      topology.description)
     print(markdown)
     name = f"net-{run.profile_name}-{run.impaired}" + \
         ("-" + "-".join(args.congestion).replace("=", "") if args.congestion else "")

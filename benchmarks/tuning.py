@@ -110,7 +110,7 @@ def main() -> None:
     run = load_run(args)
     run.profile = {**run.profile, "concurrency": min(int(run.profile["concurrency"]), 100)}
     work = Workdir()
-    with Topology() as topology:
+    with Topology(emulation=run.defaults.get("emulator", "auto")) as topology:
         try:
             progress(f"building namespaces {topology.prefix}[c|p|o]")
             topology.build(run.netem_spec("client"), run.netem_spec("origin"),
