@@ -93,7 +93,7 @@ class LeanBody:
         end; ClientPayloadError when the body was cut short."""
         while not self._buffer and not self._eof:
             self._connection.resume_reading()
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._connection.loop.create_future()
             try:
                 async with asyncio.timeout(self._read_timeout):
                     await self._waiter
@@ -162,6 +162,8 @@ class LeanConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        # Kept: on Python 3.11 every asyncio.get_running_loop() costs a getpid() system call.
+        self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         if self._head is None and self._body is None:
@@ -233,7 +235,7 @@ class LeanConnection(asyncio.Protocol):
         self.uses += 1
         self._headers, self._body, self._complete, self._interim = [], None, False, interim
         self._keep_alive = False
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         head_future = self._head = loop.create_future()
         timer = loop.call_later(self.pool.read_timeout, self.time_out, head_future) \
             if self.pool.read_timeout else None
