@@ -257,7 +257,11 @@ def open_origin(run: Run, topology: Topology, work: Workdir) -> Origin:
                   else pattern_sha256(run.transfer_bytes))
 
 
-def measure(run: Run, topology: Topology, work: Workdir, fileproxy_flags: list[str]
+WORKLOADS = ("small", "download", "upload")
+
+
+def measure(run: Run, topology: Topology, work: Workdir, fileproxy_flags: list[str],
+            chosen: tuple[str, ...] = WORKLOADS
             ) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], list[str]]:
     origin = open_origin(run, topology, work)
     running = origin.running
@@ -265,8 +269,10 @@ def measure(run: Run, topology: Topology, work: Workdir, fileproxy_flags: list[s
                                    Place(PROXY_CLIENT_SIDE, topology.proxy), peers=("nginx",))
     targets = [Running("direct", running.url, None, note="routed through the proxy namespace"),
                *proxies]
-    workloads = {"small": small_requests, "download": download, "upload": upload}
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {w: {} for w in workloads}
+    workloads = {name: workload for name, workload in
+                 (("small", small_requests), ("download", download), ("upload", upload))
+                 if name in chosen}
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {w: {} for w in WORKLOADS}
     repeat = 1 if run.quick else run.defaults.get("repeat", 3)
     steps, step = len(workloads) * repeat * len(targets), 0
     for name, workload in workloads.items():
@@ -281,6 +287,11 @@ def measure(run: Run, topology: Topology, work: Workdir, fileproxy_flags: list[s
     running.stop()
     notes += [f"{t.name}: {t.note}" for t in targets if t.note]
     return results, notes
+
+
+def measured_targets(results: dict[str, Any]) -> list[str]:
+    return list(dict.fromkeys(target for workload in WORKLOADS
+                              for target in results.get(workload, {})))
 
 
 def figure(rows: list[dict[str, Any]], key: str) -> tuple[float, float, float]:
@@ -298,7 +309,7 @@ def report(run: Run, results: dict[str, Any], checks: list[dict[str, Any]], vali
     headers = ["target", "req/s", "p50 ms", "p99 ms", "errors", "download Mbit/s",
                "share of link", "TTFB ms", "upload Mbit/s", "all intact"]
     rows = []
-    for target in results["download"]:
+    for target in measured_targets(results):
         intact = all(r["intact"] for w in ("download", "upload")
                      for r in results[w].get(target, []))
         rows.append([target, cell("small", target, "rps"), cell("small", target, "p50_ms"),
@@ -329,7 +340,7 @@ def chart(run: Run, results: dict[str, Any], path: Path, title: str = "") -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    targets = list(results["download"])
+    targets = measured_targets(results)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for axis, workload, key, title in ((left, "download", "mbit", "download goodput (Mbit/s)"),
                                        (right, "small", "p99_ms", "small requests p99 (ms)")):
@@ -377,6 +388,8 @@ def main() -> None:
                         help="override the scenario file's transfer_seconds")
     parser.add_argument("--scenarios", default=str(SCENARIOS))
     parser.add_argument("--fileproxy-flag", action="append", default=[])
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help="comma-separated subset of: " + ", ".join(WORKLOADS))
     parser.add_argument("--emulator", choices=EMULATIONS, default=None,
                         help="how links are emulated (default: the scenario's, else auto: "
                              "netem where the kernel has it, else the user-space TUN delay line)")
@@ -404,7 +417,8 @@ def main() -> None:
             for c in checks:
                 progress(f"link check {c['check']}: configured {c['configured']}, measured "
                          f"{c['measured']} -> {'ok' if c['ok'] else 'OFF BY MORE THAN 20%'}")
-            results, notes = measure(run, topology, work, flags)
+            results, notes = measure(run, topology, work, flags,
+                                     tuple(args.workloads.split(",")))
             emulator = topology.emulator_stats()
         finally:
             work.remove()
