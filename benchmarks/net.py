@@ -342,8 +342,15 @@ def chart(run: Run, results: dict[str, Any], path: Path, title: str = "") -> Non
 
     targets = measured_targets(results)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for axis, workload, key, title in ((left, "download", "mbit", "download goodput (Mbit/s)"),
-                                       (right, "small", "p99_ms", "small requests p99 (ms)")):
+    for axis, workload, key, heading in ((left, "download", "mbit", "download goodput (Mbit/s)"),
+                                         (right, "small", "p99_ms", "small requests p99 (ms)")):
+        axis.set_title(heading)
+        if not results.get(workload):
+            axis.text(0.5, 0.5, "not measured in this run", ha="center", va="center",
+                      transform=axis.transAxes)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            continue
         mids, errs = [], [[], []]
         for target in targets:
             mid, low, high = figure(results[workload].get(target, []), key)
@@ -352,9 +359,8 @@ def chart(run: Run, results: dict[str, Any], path: Path, title: str = "") -> Non
             errs[1].append(0 if mid != mid else high - mid)
         axis.bar(targets, mids, yerr=errs, capsize=4,
                  color=["#888", "#2a7", "#36c", "#c63", "#999"][:len(targets)])
-        axis.set_title(title)
         axis.tick_params(axis="x", rotation=20)
-    if workload and run.bottleneck_mbit:
+    if results.get("download") and run.bottleneck_mbit:
         left.axhline(run.bottleneck_mbit, color="k", linestyle="--", linewidth=1)
         left.text(0, run.bottleneck_mbit * 1.02, "link rate", fontsize=8)
     fig.suptitle(title or f"fileproxy bench net: {run.profile_name} on {run.impaired_links}")
