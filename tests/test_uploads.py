@@ -39,6 +39,19 @@ async def patch(client, url: str, offset: int, data: bytes, **headers: str):
         **headers})
 
 
+async def raw_patch(proxy, url: str, offset: int, length: int, data: bytes
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A PATCH over a raw socket announcing `length` body bytes and sending `data` of them, so
+    that a test can stall it or drop it mid-body."""
+    path = url.split("//", 1)[1].split("/", 1)[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(f"PATCH /{path} HTTP/1.1\r\nHost: t\r\nTus-Resumable: 1.0.0\r\n"
+                 f"Upload-Offset: {offset}\r\nContent-Type: application/offset+octet-stream\r\n"
+                 f"Content-Length: {length}\r\n\r\n".encode() + data)
+    await writer.drain()
+    return reader, writer
+
+
 async def test_discovery(proxy, client):
     async with client.options(f"{proxy.url}/_fileproxy/uploads") as response:
         assert response.status == 204
@@ -53,15 +66,10 @@ async def test_upload_cut_mid_patch_resumes_and_arrives_once_byte_exact(origin, 
     size = 24 * MIB + 5
     body = b"".join(pattern(0, size, seed=11))
     url = await create(client, proxy, size, filetype="application/x-test", filename="f.bin")
-    path = url.split("//", 1)[1].split("/", 1)[1]
     for cut in range(3):  # send part of a PATCH, then drop the connection
         offset = await offset_of(client, url)
-        _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        writer.write(f"PATCH /{path} HTTP/1.1\r\nHost: t\r\nTus-Resumable: 1.0.0\r\n"
-                     f"Upload-Offset: {offset}\r\nContent-Type: application/offset+octet-stream\r\n"
-                     f"Content-Length: {size - offset}\r\n\r\n".encode())
-        writer.write(body[offset:offset + 5 * MIB + cut * 1000])
-        await writer.drain()
+        _reader, writer = await raw_patch(proxy, url, offset, size - offset,
+                                          body[offset:offset + 5 * MIB + cut * 1000])
         await asyncio.sleep(0.2)
         writer.transport.abort()
         await asyncio.sleep(0.2)
@@ -190,12 +198,7 @@ async def test_sweep_metrics_and_token(origin, make_proxy, client, tmp_path):
 
 async def test_resumed_counter(origin, proxy, client):
     url = await create(client, proxy, 4 * MIB)
-    path = url.split("//", 1)[1].split("/", 1)[1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    writer.write(f"PATCH /{path} HTTP/1.1\r\nHost: t\r\nTus-Resumable: 1.0.0\r\n"
-                 f"Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
-                 f"Content-Length: {4 * MIB}\r\n\r\n".encode() + b"r" * MIB)
-    await writer.drain()
+    reader, writer = await raw_patch(proxy, url, 0, 4 * MIB, b"r" * MIB)
     await asyncio.sleep(0.2)
     writer.transport.abort()
     await asyncio.sleep(0.2)
@@ -232,12 +235,7 @@ async def test_a_stalled_patch_taken_over_does_not_rewind_the_upload(origin, mak
     size = 4 * MIB
     body = b"".join(pattern(0, size, seed=5))
     url = await create(client, proxy, size)
-    path = url.split("//", 1)[1].split("/", 1)[1]
-    _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    writer.write(f"PATCH /{path} HTTP/1.1\r\nHost: t\r\nTus-Resumable: 1.0.0\r\n"
-                 f"Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
-                 f"Content-Length: {size}\r\n\r\n".encode() + body[:3 * MIB])
-    await writer.drain()
+    _reader, writer = await raw_patch(proxy, url, 0, size, body[:3 * MIB])
     await asyncio.sleep(1.0)  # silent past the lock's TTL
     offset = await offset_of(client, url)
     async with await patch(client, url, offset, body[offset:]) as response:
@@ -255,12 +253,7 @@ async def test_a_stalled_patch_is_cut_off_and_frees_the_upload(origin, make_prox
     size = 2 * MIB
     body = b"".join(pattern(0, size, seed=8))
     url = await create(client, proxy, size)
-    path = url.split("//", 1)[1].split("/", 1)[1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    writer.write(f"PATCH /{path} HTTP/1.1\r\nHost: t\r\nTus-Resumable: 1.0.0\r\n"
-                 f"Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
-                 f"Content-Length: {size}\r\n\r\n".encode() + body[:MIB])
-    await writer.drain()
+    reader, writer = await raw_patch(proxy, url, 0, size, body[:MIB])
     assert await asyncio.wait_for(reader.read(), 10) == b"", "cut off after the client timeout"
     writer.close()
     offset = await offset_of(client, url)
