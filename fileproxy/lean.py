@@ -127,7 +127,7 @@ class LeanResponse:
         """Back to the pool when the whole answer was read on a keep-alive connection."""
         connection, self.connection = self.connection, None
         if connection is not None:
-            connection.done_with(self)
+            connection.done_with()
 
     def close(self) -> None:
         connection, self.connection = self.connection, None
@@ -143,7 +143,6 @@ class LeanConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
-        self.uses = 0
         self.idle_since = 0.0
         self._paused = False
         self._head: asyncio.Future[LeanResponse] | None = None
@@ -232,7 +231,6 @@ class LeanConnection(asyncio.Protocol):
 
     async def exchange(self, head: bytes, interim: Interim | None) -> LeanResponse:
         assert self.transport is not None
-        self.uses += 1
         self._headers, self._body, self._complete, self._interim = [], None, False, interim
         self._keep_alive = False
         loop = self.loop
@@ -255,7 +253,8 @@ class LeanConnection(asyncio.Protocol):
         if not head.done():
             head.set_exception(TimeoutError())
 
-    def done_with(self, response: LeanResponse) -> None:
+    def done_with(self) -> None:
+        """The exchange is over: back to the pool if it ended cleanly on a keep-alive connection."""
         if self._complete and self._keep_alive and not self.closed:
             self._body = None
             self.pool.put_back(self)
