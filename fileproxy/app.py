@@ -21,7 +21,7 @@ from fileproxy.retry import RetryPolicy
 from fileproxy.state import open_store
 from fileproxy.tasks import TaskManager
 from fileproxy.uploads import Uploads
-from fileproxy.upstream import close_client_if_spliced, make_session
+from fileproxy.upstream import make_session
 from fileproxy.upstreams import Upstreams
 
 
@@ -90,7 +90,6 @@ def build_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(upstream_session)
     app.cleanup_ctx.append(background_tasks)
     app.cleanup_ctx.append(state_and_tasks)
-    app.on_response_prepare.append(close_client_if_spliced)
     add_admin_routes(app, config, refresh_metrics)
     app.router.add_route("*", "/{path:.*}", proxy_handler, expect_handler=defer_expect)
     return app

@@ -144,11 +144,9 @@ def add_forwarding(headers: CIMultiDict[str], request: web.Request, config: Conf
 
 
 def peer_address(request: web.Request) -> str | None:
-    transport = request.transport
-    peername = transport.get_extra_info("peername") if transport else None
-    if isinstance(peername, (tuple, list)) and peername:
-        return str(peername[0])
-    return None
+    """The client's IP address: aiohttp reads the peer once per request (request.remote); asking
+    the transport again would be another getpeername() system call."""
+    return request.remote or None
 
 
 # ---------------------------------------------------------------- response side

@@ -20,7 +20,7 @@ from fileproxy.lean import Interim
 from fileproxy.state import StateUnavailable
 from fileproxy.streaming import relay, within
 from fileproxy.tasks import task_unavailable
-from fileproxy.upstream import ForwardedBody, UpstreamResponse, body_payload, send
+from fileproxy.upstream import ForwardedBody, UpstreamResponse, body_payload, close_if_spliced, send
 from fileproxy.upstreams import Upstream
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -45,7 +45,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             return await forward(request, outgoing, exchange)  # --total-timeout inside
     except ProxyError as error:
         exchange.fail(error)
-        return error.response(exchange.request_id)
+        response = error.response(exchange.request_id)
+        close_if_spliced(request, response)
+        return response
     finally:
         # 6. metrics (the access log line is written by aiohttp once the response is sent)
         metrics.finished(exchange, time.monotonic() - exchange.started)

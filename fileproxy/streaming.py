@@ -15,7 +15,7 @@ from fileproxy.headers import response_headers, response_length
 from fileproxy.lean import LeanResponse
 from fileproxy.responses import NoDefaultHeaders
 from fileproxy.splice import SinkGone, SourceCut, Timeouts, can_splice, splice_response_body
-from fileproxy.upstream import UpstreamResponse
+from fileproxy.upstream import UpstreamResponse, close_if_spliced
 
 log = logging.getLogger("fileproxy.streaming")
 
@@ -55,7 +55,9 @@ async def relay(request: web.Request, upstream: UpstreamResponse, config: Config
     streamed (headers first, then the body) within the total deadline."""
     whole = arrived_whole(request, upstream)
     if whole is not None:
-        return WholeResponse(upstream, whole)
+        response: RelayedResponse | WholeResponse = WholeResponse(upstream, whole)
+        close_if_spliced(request, response)
+        return response
     response = await start_response(request, upstream)
     try:
         async with within(deadline):
@@ -82,6 +84,7 @@ def within(deadline: float | None) -> AbstractAsyncContextManager[object]:
 async def start_response(request: web.Request, upstream: UpstreamResponse) -> RelayedResponse:
     """Send the upstream's status and headers (Content-Length kept when it gave one)."""
     response = RelayedResponse(upstream)
+    close_if_spliced(request, response)
     length = response_length(upstream)
     if length is not None:
         response.content_length = length

@@ -115,12 +115,11 @@ async def send_100_continue(request: web.Request) -> None:
         request.writer.output_size = 0
 
 
-async def close_client_if_spliced(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: a spliced upload's connection carries no further request. (The hook
-    runs after aiohttp chose the Connection header, so it is set here as well.)"""
+def close_if_spliced(request: web.Request, response: web.StreamResponse) -> None:
+    """Before a response is prepared: a spliced upload's connection carries no further request,
+    so the response says Connection: close and the connection closes after it."""
     if request.get(CLOSE_CLIENT):
         response.force_close()
-        response.headers["Connection"] = "close"
 
 
 def body_payload(request: web.Request, outgoing: Outgoing, config: Config) -> ClientBody | None:
