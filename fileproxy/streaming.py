@@ -54,10 +54,8 @@ async def relay(request: web.Request, upstream: UpstreamResponse, config: Config
     """The upstream's response to the client: whole when it is small and already here, else
     streamed (headers first, then the body) within the total deadline."""
     whole = arrived_whole(request, upstream)
-    if whole is not None:
-        response: RelayedResponse | WholeResponse = WholeResponse(upstream, whole)
-        close_if_spliced(request, response)
-        return response
+    if whole is not None:  # (a GET's: no request body, so nothing was spliced)
+        return WholeResponse(upstream, whole)
     response = await start_response(request, upstream)
     try:
         async with within(deadline):
