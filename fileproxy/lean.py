@@ -138,8 +138,8 @@ class LeanResponse:
 class LeanConnection(asyncio.Protocol):
     """One upstream connection, one exchange at a time, its bytes fed to httptools."""
 
-    def __init__(self, pool: LeanPool, key: tuple[str, int]) -> None:
-        self.pool, self.key = pool, key
+    def __init__(self, pool: LeanPool, key: tuple[str, int], authority: str) -> None:
+        self.pool, self.key, self.authority = pool, key, authority
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -220,10 +220,6 @@ class LeanConnection(asyncio.Protocol):
         self._body.feed_eof()
 
     # -- the exchange
-
-    @property
-    def authority(self) -> str:
-        return f"{self.key[0]}:{self.key[1]}"
 
     def reads_until_close(self) -> bool:
         names = {name.lower() for name, _ in self._headers}
@@ -372,7 +368,7 @@ class LeanPool:
                 infos = await self.resolve(key)
                 sock = await self.open_socket(infos)
                 _, connection = await loop.create_connection(
-                    lambda: LeanConnection(self, key), sock=sock)
+                    lambda: LeanConnection(self, key, authority), sock=sock)
         except TimeoutError:
             raise upstream_connect_timeout(authority) from None
         except OSError as error:
@@ -413,8 +409,8 @@ def can_use(outgoing: Outgoing, upstream: Upstream) -> bool:
 def request_head(outgoing: Outgoing, upstream: Upstream) -> bytes:
     """Request line and headers as they go on the wire (values byte-exact as received)."""
     lines = [f"{outgoing.method} {upstream.path_prefix}{outgoing.target} HTTP/1.1\r\n"]
-    lines += [f"{name}: {value}\r\n" for name, value in
-              outgoing.headers_for(upstream.authority).items()]
-    lines.append("\r\n")
+    lines += [f"{name}: {value}\r\n" for name, value in outgoing.headers.items()]
+    # Host last, as headers_for() places it (outgoing.headers never holds one), without a copy.
+    lines.append(f"Host: {outgoing.host or upstream.authority}\r\n\r\n")
     return "".join(lines).encode("utf-8", "surrogateescape")
 
