@@ -39,7 +39,8 @@ class Exchange:
         else:
             self.outcome = "rejected"
 
-    def relayed(self, response: web.StreamResponse) -> None:
+    def relayed(self, response: Any) -> None:
+        """From the response sent back: a web.StreamResponse, or the fast path's record."""
         self.status = response.status
         self.bytes_out = response_bytes(response)
         aborted = getattr(response, "aborted", None)
@@ -60,11 +61,17 @@ def response_bytes(response: web.StreamResponse) -> int:
 def log_fields(request: web.BaseRequest, response: web.StreamResponse,
                duration: float) -> dict[str, Any]:
     exchange = request.get(EXCHANGE) if isinstance(request, web.Request) else None
+    version = f"{request.version.major}.{request.version.minor}"
+    return exchange_fields(request.remote, request.method, request.raw_path, version,
+                           response.status, response_bytes(response), duration, exchange)
+
+
+def exchange_fields(remote: str | None, method: str, target: str, version: str, status: int,
+                    bytes_out: int, duration: float, exchange: Exchange | None) -> dict[str, Any]:
+    """The access-log fields, whichever server path answered (aiohttp's or the fast path)."""
     fields: dict[str, Any] = {
-        "remote": request.remote or "-", "method": request.method, "target": request.raw_path,
-        "version": f"{request.version.major}.{request.version.minor}",
-        "status": response.status, "bytes_out": response_bytes(response),
-        "duration": round(duration, 6),
+        "remote": remote or "-", "method": method, "target": target, "version": version,
+        "status": status, "bytes_out": bytes_out, "duration": round(duration, 6),
     }
     if exchange is not None:
         fields.update(bytes_in=exchange.bytes_in, upstream=exchange.upstream,
@@ -95,7 +102,9 @@ class AccessLogger(AbstractAccessLogger):
         self.json_format = log_format == "json"
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        fields = log_fields(request, response, time)
+        self.write(log_fields(request, response, time))
+
+    def write(self, fields: dict[str, Any]) -> None:
         self.logger.info(json.dumps(fields) if self.json_format else plain_line(fields))
 
     @property

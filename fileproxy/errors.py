@@ -23,12 +23,17 @@ class ProxyError(Exception):
         return self.kind not in ("connect", "connect_timeout")
 
     def response(self, request_id: str) -> QuietResponse:
-        headers = {"X-Request-Id": request_id, "Cache-Control": "no-store", **self.headers}
-        text = f"{self.status} {self.message}\nrequest id: {request_id}\n"
-        response = QuietResponse(status=self.status, text=text, headers=headers)
+        response = QuietResponse(status=self.status, text=self.text(request_id),
+                                 headers=self.headers_for(request_id))
         if self.close:
             response.force_close()
         return response
+
+    def text(self, request_id: str) -> str:
+        return f"{self.status} {self.message}\nrequest id: {request_id}\n"
+
+    def headers_for(self, request_id: str) -> dict[str, str]:
+        return {"X-Request-Id": request_id, "Cache-Control": "no-store", **self.headers}
 
 
 # The upstream failures both clients (aiohttp's and fileproxy/lean.py) report, worded once.

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from aiohttp import hdrs, web
-from multidict import CIMultiDict
+from aiohttp import HttpVersion, hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from fileproxy.config import Config
@@ -29,6 +29,29 @@ SET_BY_PROXY = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-h
                           "x-request-id", "host"})
 REQUEST_DROP = HOP_BY_HOP | SET_BY_PROXY
 RESPONSE_DROP = HOP_BY_HOP | RESPONSE_FRAMING
+
+
+class ClientRequest(Protocol):
+    """What building the upstream request reads of a client's request: aiohttp's web.Request,
+    or the fast path's (fileproxy/fastpath.py)."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str] | CIMultiDict[str]: ...
+
+    @property
+    def version(self) -> HttpVersion: ...
+
+    @property
+    def scheme(self) -> str: ...
+
+    @property
+    def remote(self) -> str | None: ...
+
+    @property
+    def body_exists(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -112,7 +135,7 @@ def origin_form_target(request: web.Request) -> str:
     raise ProxyError(400, f"Bad Request: unsupported request target form {raw[:64]!r}")
 
 
-def outgoing_request(request: web.Request, config: Config, target: str,
+def outgoing_request(request: ClientRequest, config: Config, target: str,
                      request_id: str) -> Outgoing:
     headers = end_to_end(CIMultiDict(request.headers), REQUEST_DROP)
     add_forwarding(headers, request, config, request_id)
@@ -121,7 +144,7 @@ def outgoing_request(request: web.Request, config: Config, target: str,
                     has_body=request.body_exists, host=client_host)
 
 
-def add_forwarding(headers: CIMultiDict[str], request: web.Request, config: Config,
+def add_forwarding(headers: CIMultiDict[str], request: ClientRequest, config: Config,
                    request_id: str) -> None:
     """Via, X-Forwarded-For (appended to), -Proto and -Host (kept only when trusted)."""
     incoming = request.headers
@@ -143,7 +166,7 @@ def add_forwarding(headers: CIMultiDict[str], request: web.Request, config: Conf
     headers["X-Request-Id"] = request_id
 
 
-def peer_address(request: web.Request) -> str | None:
+def peer_address(request: ClientRequest) -> str | None:
     """The client's IP address: aiohttp reads the peer once per request (request.remote); asking
     the transport again would be another getpeername() system call."""
     return request.remote or None

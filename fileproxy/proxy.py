@@ -8,9 +8,10 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion, web
 
 from fileproxy.accesslog import EXCHANGE, Exchange
 from fileproxy.errors import ProxyError
@@ -24,6 +25,19 @@ from fileproxy.upstream import ForwardedBody, UpstreamResponse, body_payload, cl
 from fileproxy.upstreams import Upstream
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Relayed(Protocol):
+    """What a response sent back to the client reports: its status, whether it was cut short
+    (`aborted`, with whose `fault` it was) and, as `body_bytes`, how much of it went."""
+
+    status: int
+    aborted: str | None
+    fault: str | None
+
+
+R = TypeVar("R", bound=Relayed)
+Respond = Callable[[UpstreamResponse, float | None], Awaitable[R]]
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
@@ -67,16 +81,32 @@ async def submit_task(request: web.Request, outgoing: Outgoing,
 
 async def forward(request: web.Request, outgoing: Outgoing,
                   exchange: Exchange) -> web.StreamResponse:
-    """3-5: choose an upstream and send (retrying while safe), then stream the response back."""
+    """3-5 for a request aiohttp parsed: the body streams up, the response goes back through
+    aiohttp's response machinery (streaming.relay)."""
     config = request.app[CONFIG]
-    deadline = total_deadline(config.total_timeout, exchange)
     body = body_payload(request, outgoing, config)
+
+    async def respond(upstream_response: UpstreamResponse,
+                      deadline: float | None) -> web.StreamResponse:
+        return await relay(request, upstream_response, config, deadline)
+
+    return await forward_with(request.app, outgoing, body, exchange,
+                              interim_relay(request.version, request.transport), respond)
+
+
+async def forward_with(app: web.Application, outgoing: Outgoing, body: ForwardedBody | None,
+                       exchange: Exchange, interim: Interim | None,
+                       respond: Respond[R]) -> R:
+    """3-5: choose an upstream and send (retrying while safe), then `respond` streams the
+    response back to the client (aiohttp's response machinery, or the fast path's own)."""
+    config = app[CONFIG]
+    deadline = total_deadline(config.total_timeout, exchange)
     try:
         async with within(deadline):
             upstream, upstream_response = await send_with_retries(
-                request.app, outgoing, body, exchange, interim=interim_relay(request))
+                app, outgoing, body, exchange, interim=interim)
     except TimeoutError:
-        request.app[METRICS].upstream_error(exchange.upstream, "total_timeout")
+        app[METRICS].upstream_error(exchange.upstream, "total_timeout")
         raise ProxyError(504, f"Gateway Timeout: no response within the total timeout of "
                               f"{config.total_timeout:g} s", kind="total_timeout") from None
     finally:
@@ -84,7 +114,7 @@ async def forward(request: web.Request, outgoing: Outgoing,
     exchange.ttfb = time.monotonic() - exchange.started
     try:
         async with upstream_response:
-            response = await relay(request, upstream_response, config, deadline)
+            response = await respond(upstream_response, deadline)
     finally:
         upstream.end()
     exchange.relayed(response)
@@ -136,15 +166,14 @@ async def send_with_retries(app: web.Application, outgoing: Outgoing,
         await asyncio.sleep(policy.backoff(exchange.retries))
 
 
-def interim_relay(request: web.Request) -> Interim | None:
+def interim_relay(version: HttpVersion, transport: asyncio.Transport | None) -> Interim | None:
     """Pass 1xx interim responses such as 103 Early Hints (RFC 9110 15.2) to an HTTP/1.1 client
     ahead of the final one; 100 Continue is between the proxy and each side."""
-    if request.version < (1, 1):
+    if version < (1, 1) or transport is None:
         return None
 
     def relay(status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        transport = request.transport
-        if status not in (100, 101) and transport is not None and not transport.is_closing():
+        if status not in (100, 101) and not transport.is_closing():
             transport.write(interim_head(status, headers))
 
     return relay

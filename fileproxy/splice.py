@@ -17,7 +17,7 @@ import contextlib
 import fcntl
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -44,6 +44,10 @@ class SinkGone(Exception):
 
 class Sent(Protocol):
     body_bytes: int
+
+
+# Writes body chunks to the sink's transport and returns once they all left (the byte count).
+Flush = Callable[[list[bytes]], Awaitable[int]]
 
 
 @dataclass(frozen=True)
@@ -157,16 +161,18 @@ async def write_all(writer: StreamWriter, chunks: list[bytes]) -> int:
     return sum(map(len, chunks))
 
 
-async def splice_response_body(request: web.Request, upstream: UpstreamResponse, sent: Sent,
-                               length: int, timeouts: Timeouts) -> None:
-    """Upstream -> client, counting in sent.body_bytes what reached the client's socket.
-    Raises SourceCut or SinkGone; the caller closes the upstream connection in every case."""
-    assert upstream.connection is not None and request.transport is not None
+async def splice_response_body(upstream: UpstreamResponse, sent: Sent, length: int,
+                               timeouts: Timeouts, sink: asyncio.BaseTransport | None,
+                               flush: Flush) -> None:
+    """Upstream -> client, counting in sent.body_bytes what reached the client's socket: what
+    the upstream connection had buffered goes through `flush` (which returns once it left), the
+    rest through the pipe. Raises SourceCut or SinkGone; the caller closes the upstream
+    connection in every case."""
+    assert upstream.connection is not None
     buffered = take_buffered(upstream.connection.protocol, upstream.content)
-    assert isinstance(request.writer, StreamWriter)
-    sent.body_bytes += await write_all(request.writer, buffered)
-    await splice_rest(upstream.connection.transport, request.transport, length - sent.body_bytes,
-                      timeouts, sent)
+    sent.body_bytes += await flush(buffered)
+    await splice_rest(upstream.connection.transport, sink, length - sent.body_bytes, timeouts,
+                      sent)
 
 
 async def splice_request_body(request: web.Request, writer: StreamWriter, length: int,

@@ -9,12 +9,20 @@ from contextlib import AbstractAsyncContextManager
 
 import aiohttp
 from aiohttp import hdrs, web
+from aiohttp.http_writer import StreamWriter
 
 from fileproxy.config import Config
 from fileproxy.headers import response_headers, response_length
 from fileproxy.lean import LeanResponse
 from fileproxy.responses import NoDefaultHeaders
-from fileproxy.splice import SinkGone, SourceCut, Timeouts, can_splice, splice_response_body
+from fileproxy.splice import (
+    SinkGone,
+    SourceCut,
+    Timeouts,
+    can_splice,
+    splice_response_body,
+    write_all,
+)
 from fileproxy.upstream import UpstreamResponse, close_if_spliced
 
 log = logging.getLogger("fileproxy.streaming")
@@ -142,8 +150,11 @@ async def copy_body(request: web.Request, upstream: UpstreamResponse,
 async def splice_relay(request: web.Request, upstream: UpstreamResponse, response: RelayedResponse,
                        length: int, timeouts: Timeouts) -> None:
     """The zero-copy path (fileproxy/splice.py), with the same outcomes as copy_body."""
+    writer = request.writer
+    assert isinstance(writer, StreamWriter)
     try:
-        await splice_response_body(request, upstream, response, length, timeouts)
+        await splice_response_body(upstream, response, length, timeouts, request.transport,
+                                   lambda chunks: write_all(writer, chunks))
     except (SourceCut, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
         abort_client(request, response, f"upstream body cut short after "
                                         f"{response.body_bytes} bytes ({error})")
