@@ -12,6 +12,7 @@ from fileproxy.accesslog import AccessLogger
 from fileproxy.admin import add_admin_routes
 from fileproxy.admission import Admission
 from fileproxy.config import Config, active_config
+from fileproxy.fastpath import FastServer
 from fileproxy.health import HealthChecker
 from fileproxy.keys import ADMISSION, CONFIG, LEAN, METRICS, RETRY, SESSION, STORE, TASKS, UPLOADS, UPSTREAMS
 from fileproxy.lean import LeanPool
@@ -95,10 +96,22 @@ def build_app(config: Config) -> web.Application:
     return app
 
 
+class FastPathRunner(web.AppRunner):
+    """aiohttp's AppRunner whose protocol factory is the fast path's (fileproxy/fastpath.py),
+    in front of the Server aiohttp made for the application."""
+
+    async def _make_server(self) -> web.Server:
+        inner = await super()._make_server()
+        config = self.app[CONFIG]
+        access = AccessLogger(logging.getLogger("fileproxy.access"), config.access_log_format) \
+            if config.access_log else None
+        return FastServer(inner, self.app, access)  # type: ignore[return-value]  # duck-typed
+
+
 def build_runner(config: Config) -> web.AppRunner:
     """The runner with the server-side settings: keep-alive, parser limits, handler cancellation
     (a client that goes away cancels its upstream request at once)."""
-    return web.AppRunner(
+    return FastPathRunner(
         build_app(config),
         handler_cancellation=True,
         keepalive_timeout=config.client_keepalive,

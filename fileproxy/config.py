@@ -345,6 +345,9 @@ class Config:
                                           "answer before returning", metavar="SECONDS")
     splice: bool = setting(True, parse_bool,
                            "relay large Content-Length bodies zero-copy with splice (Linux), both ways")
+    fast_path: bool = setting(True, parse_bool,
+                              "plain HTTP/1.1 GETs are served by fileproxy's own protocol "
+                              "(httptools), the rest by aiohttp's server; off: aiohttp for all")
     lean_client: bool = setting(True, parse_bool,
                                 "GETs to http:// upstreams use fileproxy's lean HTTP/1.1 client "
                                 "(httptools, own keep-alive pool); off: aiohttp's for all")

@@ -8,18 +8,25 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 import aiohttp
 from aiohttp import HttpVersion, web
 
 from fileproxy.accesslog import EXCHANGE, Exchange
 from fileproxy.errors import ProxyError
-from fileproxy.headers import Outgoing, check_request, interim_head, outgoing_request, peer_address
+from fileproxy.headers import (
+    ClientRequest,
+    Outgoing,
+    check_request,
+    interim_head,
+    outgoing_request,
+    peer_address,
+)
 from fileproxy.keys import ADMISSION, CONFIG, LEAN, METRICS, RETRY, SESSION, TASKS, UPSTREAMS
 from fileproxy.lean import Interim
 from fileproxy.state import StateUnavailable
-from fileproxy.streaming import relay, within
+from fileproxy.streaming import AiohttpSide, Streamed, relay, within
 from fileproxy.tasks import task_unavailable
 from fileproxy.upstream import ForwardedBody, UpstreamResponse, body_payload, close_if_spliced, send
 from fileproxy.upstreams import Upstream
@@ -87,11 +94,12 @@ async def forward(request: web.Request, outgoing: Outgoing,
     body = body_payload(request, outgoing, config)
 
     async def respond(upstream_response: UpstreamResponse,
-                      deadline: float | None) -> web.StreamResponse:
-        return await relay(request, upstream_response, config, deadline)
+                      deadline: float | None) -> Streamed:
+        return await relay(request, upstream_response, config, deadline, AiohttpSide(request))
 
-    return await forward_with(request.app, outgoing, body, exchange,
-                              interim_relay(request.version, request.transport), respond)
+    response = await forward_with(request.app, outgoing, body, exchange,
+                                  interim_relay(request.version, request.transport), respond)
+    return cast(web.StreamResponse, response)  # AiohttpSide's responses are aiohttp's
 
 
 async def forward_with(app: web.Application, outgoing: Outgoing, body: ForwardedBody | None,
@@ -196,7 +204,7 @@ _ID_PREFIX = secrets.token_hex(4)
 _id_counter = itertools.count(1)
 
 
-def request_id_for(request: web.Request) -> str:
+def request_id_for(request: ClientRequest) -> str:
     """The client's X-Request-Id when it is a sane token, else this worker's random prefix and a
     counter (unique without a syscall per request)."""
     incoming = request.headers.get("X-Request-Id", "")

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from contextlib import AbstractAsyncContextManager
+from typing import Protocol
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -28,6 +29,48 @@ from fileproxy.upstream import UpstreamResponse, close_if_spliced
 log = logging.getLogger("fileproxy.streaming")
 
 
+class Streamed(Protocol):
+    """A response on its way to the client, as relay() drives it: aiohttp's (RelayedResponse) or
+    the fast path's. write() returns once the client's side took the bytes (backpressure) and
+    raises ConnectionError when the client is gone; flush() writes and returns once everything
+    left, before the rest is spliced behind it."""
+
+    status: int
+    body_bytes: int
+    aborted: str | None
+    fault: str | None
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def flush(self, chunks: list[bytes]) -> int: ...
+
+    async def write_eof(self) -> None: ...
+
+
+class ClientSide(Protocol):
+    """How a response reaches the client: whole in one go, or started (headers) and then streamed."""
+
+    def whole(self, upstream: UpstreamResponse, body: bytes) -> Streamed: ...
+
+    async def start(self, upstream: UpstreamResponse) -> Streamed: ...
+
+
+class RelayingRequest(Protocol):
+    """What relaying reads of the client's request (aiohttp's web.Request or the fast path's)."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+
+
 class RelayedResponse(NoDefaultHeaders, web.StreamResponse):
     """The upstream's status and end-to-end headers; no Server or Content-Type of our own."""
 
@@ -41,6 +84,11 @@ class RelayedResponse(NoDefaultHeaders, web.StreamResponse):
         self.body_bytes = 0
         self.aborted: str | None = None
         self.fault: str | None = None
+        self.writer: StreamWriter | None = None  # the request's, once prepared
+
+    async def flush(self, chunks: list[bytes]) -> int:
+        assert self.writer is not None
+        return await write_all(self.writer, chunks)
 
 
 class WholeResponse(NoDefaultHeaders, web.Response):
@@ -57,14 +105,36 @@ class WholeResponse(NoDefaultHeaders, web.Response):
         self.body_bytes = len(body)
 
 
-async def relay(request: web.Request, upstream: UpstreamResponse, config: Config,
-                deadline: float | None) -> RelayedResponse | WholeResponse:
+class AiohttpSide:
+    """The client side of a request aiohttp parsed: its response classes do the writing."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+
+    def whole(self, upstream: UpstreamResponse, body: bytes) -> WholeResponse:
+        return WholeResponse(upstream, body)
+
+    async def start(self, upstream: UpstreamResponse) -> RelayedResponse:
+        """Send the upstream's status and headers (Content-Length kept when it gave one)."""
+        response = RelayedResponse(upstream)
+        close_if_spliced(self.request, response)
+        length = response_length(upstream)
+        if length is not None:
+            response.content_length = length
+        await response.prepare(self.request)
+        assert isinstance(self.request.writer, StreamWriter)
+        response.writer = self.request.writer
+        return response
+
+
+async def relay(request: RelayingRequest, upstream: UpstreamResponse, config: Config,
+                deadline: float | None, side: ClientSide) -> Streamed:
     """The upstream's response to the client: whole when it is small and already here, else
     streamed (headers first, then the body) within the total deadline."""
     whole = arrived_whole(request, upstream)
     if whole is not None:  # (a GET's: no request body, so nothing was spliced)
-        return WholeResponse(upstream, whole)
-    response = await start_response(request, upstream)
+        return side.whole(upstream, whole)
+    response = await side.start(upstream)
     try:
         async with within(deadline):
             await relay_body(request, upstream, response, config)
@@ -74,7 +144,7 @@ async def relay(request: web.Request, upstream: UpstreamResponse, config: Config
     return response
 
 
-def arrived_whole(request: web.Request, upstream: UpstreamResponse) -> bytes | None:
+def arrived_whole(request: RelayingRequest, upstream: UpstreamResponse) -> bytes | None:
     """The body of a lean-client response that is complete already and has a Content-Length."""
     if not isinstance(upstream, LeanResponse) or not body_expected(request, upstream) \
             or hdrs.CONTENT_LENGTH not in upstream.headers:
@@ -87,19 +157,8 @@ def within(deadline: float | None) -> AbstractAsyncContextManager[object]:
     return asyncio.timeout_at(deadline) if deadline is not None else contextlib.nullcontext()
 
 
-async def start_response(request: web.Request, upstream: UpstreamResponse) -> RelayedResponse:
-    """Send the upstream's status and headers (Content-Length kept when it gave one)."""
-    response = RelayedResponse(upstream)
-    close_if_spliced(request, response)
-    length = response_length(upstream)
-    if length is not None:
-        response.content_length = length
-    await response.prepare(request)
-    return response
-
-
-async def relay_body(request: web.Request, upstream: UpstreamResponse, response: RelayedResponse,
-                     config: Config) -> None:
+async def relay_body(request: RelayingRequest, upstream: UpstreamResponse,
+                     response: Streamed, config: Config) -> None:
     """Send the upstream's body, spliced when large and of known length; a body cut short closes
     the client connection instead of ending cleanly."""
     if body_expected(request, upstream):
@@ -115,13 +174,13 @@ async def relay_body(request: web.Request, upstream: UpstreamResponse, response:
         await response.write_eof()
 
 
-def body_expected(request: web.Request, upstream: UpstreamResponse) -> bool:
+def body_expected(request: RelayingRequest, upstream: UpstreamResponse) -> bool:
     return request.method != hdrs.METH_HEAD and upstream.status not in (204, 304) \
         and upstream.status >= 200
 
 
-async def copy_body(request: web.Request, upstream: UpstreamResponse,
-                    response: RelayedResponse, client_timeout: float) -> None:
+async def copy_body(request: RelayingRequest, upstream: UpstreamResponse,
+                    response: Streamed, client_timeout: float) -> None:
     """Write what the upstream has buffered (the session's read_bufsize ahead, no more) as it
     comes; write() drains, so the upstream is never read faster than the client takes bytes."""
     content = upstream.content
@@ -147,14 +206,12 @@ async def copy_body(request: web.Request, upstream: UpstreamResponse,
         response.body_bytes += len(chunk)
 
 
-async def splice_relay(request: web.Request, upstream: UpstreamResponse, response: RelayedResponse,
-                       length: int, timeouts: Timeouts) -> None:
+async def splice_relay(request: RelayingRequest, upstream: UpstreamResponse,
+                       response: Streamed, length: int, timeouts: Timeouts) -> None:
     """The zero-copy path (fileproxy/splice.py), with the same outcomes as copy_body."""
-    writer = request.writer
-    assert isinstance(writer, StreamWriter)
     try:
         await splice_response_body(upstream, response, length, timeouts, request.transport,
-                                   lambda chunks: write_all(writer, chunks))
+                                   response.flush)
     except (SourceCut, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
         abort_client(request, response, f"upstream body cut short after "
                                         f"{response.body_bytes} bytes ({error})")
@@ -164,7 +221,7 @@ async def splice_relay(request: web.Request, upstream: UpstreamResponse, respons
         upstream.close()  # aiohttp's parser never saw the spliced bytes: never reuse this one
 
 
-def abort_client(request: web.Request, response: RelayedResponse, reason: str,
+def abort_client(request: RelayingRequest, response: Streamed, reason: str,
                  fault: str = "upstream") -> None:
     """Close the client connection so a Content-Length or chunked body cannot end cleanly.
     `fault` says whose it was: upstream, client or timeout."""

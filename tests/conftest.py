@@ -94,9 +94,11 @@ async def make_proxy() -> AsyncIterator[ProxyFactory]:
         await served.runner.cleanup()
 
 
-@pytest.fixture
-async def proxy(origin: Served, make_proxy: ProxyFactory) -> Served:
-    return await make_proxy(origin.url)
+@pytest.fixture(params=[True, False], ids=["fast-path", "aiohttp-server"])
+async def proxy(origin: Served, make_proxy: ProxyFactory, request: pytest.FixtureRequest) -> Served:
+    """The in-process proxy, once with the fast path serving plain GETs and once with aiohttp's
+    server taking every request (--no-fast-path): both must behave the same."""
+    return await make_proxy(origin.url, fast_path=request.param)
 
 
 @pytest.fixture

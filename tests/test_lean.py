@@ -13,7 +13,12 @@ from tests.rawserver import RawServer
 from tests.test_streaming import sha256_of
 
 MIB = 1024 * 1024
-BOTH = pytest.mark.parametrize("lean", [True, False], ids=["lean", "aiohttp"])
+# Each shape through: the fast path and the lean client (the default), aiohttp's server and the
+# lean client, the fast path and aiohttp's client.
+BOTH = pytest.mark.parametrize("lean", [{"lean_client": True},
+                                        {"lean_client": True, "fast_path": False},
+                                        {"lean_client": False}],
+                               ids=["fast-lean", "aiohttp-server-lean", "aiohttp-client"])
 
 
 async def test_early_hints_reach_the_client_before_the_final_response(proxy):
@@ -33,7 +38,7 @@ async def test_early_hints_are_not_sent_to_an_http_1_0_client(proxy):
 
 @BOTH
 async def test_chunked_and_length_bodies_byte_exact(origin, make_proxy, client, lean):
-    proxy = await make_proxy(origin.url, lean_client=lean)
+    proxy = await make_proxy(origin.url, **lean)
     for query, size in (("?chunked=1", 3 * MIB + 7), ("", 5 * MIB + 1), ("", 10)):
         async with client.get(f"{proxy.url}/bytes/{size}{query}") as response:
             assert response.status == 200
@@ -48,7 +53,7 @@ def close_delimited(request) -> bytes:
 @BOTH
 async def test_a_body_delimited_by_close_is_relayed_whole(make_proxy, client, lean):
     async with RawServer(close_delimited) as origin:
-        proxy = await make_proxy(origin.url, lean_client=lean)
+        proxy = await make_proxy(origin.url, **lean)
         for _ in range(2):
             async with client.get(f"{proxy.url}/x") as response:
                 assert response.headers["X-Shape"] == "close-delimited"
@@ -63,7 +68,7 @@ def garbage(request) -> bytes:
 @BOTH
 async def test_an_invalid_upstream_response_is_502(make_proxy, client, lean):
     async with RawServer(garbage) as origin:
-        proxy = await make_proxy(origin.url, lean_client=lean)
+        proxy = await make_proxy(origin.url, **lean)
         async with client.get(f"{proxy.url}/x") as response:
             assert response.status == 502
             assert "invalid response" in await response.text()
@@ -73,7 +78,7 @@ async def test_an_invalid_upstream_response_is_502(make_proxy, client, lean):
 async def test_a_client_that_reads_nothing_holds_the_upstream_back(origin, make_proxy, lean):
     """Backpressure: the proxy reads the upstream no faster than the client drains, so with a
     client that reads nothing the origin cannot finish a body larger than the socket buffers."""
-    proxy = await make_proxy(origin.url, lean_client=lean, splice=False)
+    proxy = await make_proxy(origin.url, **lean, splice=False)
     size = 96 * MIB
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, limit=1 << 20)
     writer.write(f"GET /bytes/{size} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())

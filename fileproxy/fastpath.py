@@ -1,0 +1,493 @@
+"""The fast path: plain HTTP/1.1 GETs answered without aiohttp's web layer; others go to aiohttp.
+
+Most of a small proxied GET's cost under aiohttp is its server machinery (request and response
+objects, router, middlewares, signals, payload writer), not the proxying. So every client
+connection starts on a lean protocol: it finds each request head in its buffer and parses it with
+httptools (llhttp). A GET on HTTP/1.1 with no body, no Expect or Upgrade, an origin-form target
+outside the admin prefix, headers within the limits and not an async task, is served here through
+the same request path as everywhere else (proxy.forward_with: admission, upstream choice, retries,
+breaker, metrics, access log; streaming.relay: whole, copied or spliced, with the same timeouts
+and abort rules). Anything else, including anything the parser refuses, is handed to aiohttp's
+server with the connection, from the first byte of that request on; aiohttp then keeps that
+connection, answers its errors (400, 431, ...) and serves bodies, admin endpoints and async tasks.
+`--no-fast-path` hands every connection over at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote
+
+import httptools
+from aiohttp import HttpVersion, HttpVersion11, web
+from aiohttp.http_parser import SINGLETON_HEADERS
+from multidict import CIMultiDict
+
+from fileproxy.accesslog import AccessLogger, Exchange, exchange_fields
+from fileproxy.config import Config
+from fileproxy.errors import ProxyError
+from fileproxy.headers import (
+    check_header_limits,
+    outgoing_request,
+    response_headers,
+    response_length,
+)
+from fileproxy.keys import ADMISSION, CONFIG, METRICS
+from fileproxy.proxy import forward_with, interim_relay, request_id_for
+from fileproxy.streaming import relay
+from fileproxy.tasks import async_wanted
+from fileproxy.upstream import UpstreamResponse
+
+# Headers that mean "not a plain GET": a body, an interim exchange, a protocol switch, async.
+HANDED_OVER_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
+                                 b"prefer"})
+SINGLETONS = frozenset(name.encode() for name in SINGLETON_HEADERS)
+NO_BODY_STATUSES = frozenset({204, 304})
+# Bytes a pipelining client may queue behind the request being served before reading pauses.
+PIPELINE_LIMIT = 64 * 1024
+
+
+def http_date(_cache: list[Any] = [0, ""]) -> str:  # noqa: B006 - the per-second cache
+    """The Date header value, formatted once per second."""
+    now = int(time.time())
+    if _cache[0] != now:
+        _cache[0], _cache[1] = now, formatdate(now, usegmt=True)
+    return str(_cache[1])
+
+
+@dataclass(slots=True)
+class FastRequest:
+    """A GET the fast path serves: what building the upstream request and relaying read
+    (headers.ClientRequest, streaming.RelayingRequest)."""
+
+    raw_path: str
+    headers: CIMultiDict[str]
+    remote: str | None
+    scheme: str
+    keep_alive: bool
+    transport: asyncio.Transport | None
+    method: str = "GET"
+    version: HttpVersion = HttpVersion11
+    body_exists: bool = False
+
+    @property
+    def path(self) -> str:
+        return unquote(self.raw_path.partition("?")[0])
+
+
+class Gate:
+    """Which parsed GETs the fast path may serve; None sends the request to aiohttp."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.admin = config.admin_prefix
+        self.admin_bytes = self.admin.encode()
+        self.async_routes = config.async_route
+
+    def admit(self, url: bytes, raw_headers: list[tuple[bytes, bytes]], keep_alive: bool,
+              connection: FastConnection) -> FastRequest | None:
+        if not url.startswith(b"/") or self.admin_bytes in url:
+            return None
+        target = url.decode("utf-8", "surrogateescape")
+        if "%" in target and self.admin in unquote(target):
+            return None
+        headers = self.plain_headers(raw_headers)
+        if headers is None:
+            return None
+        request = FastRequest(target, headers, connection.remote, connection.scheme, keep_alive,
+                              connection.transport)
+        if self.async_routes and async_wanted("GET", request.path, None, self.async_routes):
+            return None
+        return request
+
+    def plain_headers(self, raw_headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str] | None:
+        """The headers, unless one asks for aiohttp (a body, Expect, ...), a singleton repeats
+        (aiohttp answers 400) or the limits are exceeded (aiohttp's path answers 431)."""
+        seen: set[bytes] = set()
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in raw_headers:
+            lowered = name.lower()
+            if lowered in HANDED_OVER_HEADERS or (lowered in SINGLETONS and lowered in seen):
+                return None
+            seen.add(lowered)
+            headers.add(name.decode("utf-8", "surrogateescape"),
+                        value.decode("utf-8", "surrogateescape"))
+        try:
+            check_header_limits(tuple(raw_headers), self.config)
+        except ProxyError:
+            return None
+        return headers
+
+
+class FastServer:
+    """The runner's protocol factory: a FastConnection per client connection, in front of
+    aiohttp's Server, which takes the connections handed over (and counts their requests)."""
+
+    def __init__(self, inner: web.Server, app: web.Application, access: AccessLogger | None
+                 ) -> None:
+        self.inner, self.app, self.access = inner, app, access
+        self.config = app[CONFIG]
+        self.gate = Gate(self.config)
+        self.connections: set[FastConnection] = set()
+        self.served = 0
+        self.closing = False
+        self.head_limit = 2 * self.config.max_header_size + 8192
+
+    def __call__(self) -> asyncio.Protocol:
+        if not self.config.fast_path:
+            return self.inner()
+        return FastConnection(self)
+
+    @property
+    def requests_count(self) -> int:
+        """For gunicorn's max_requests (aiohttp's worker reads it)."""
+        return self.inner.requests_count + self.served
+
+    def pre_shutdown(self) -> None:
+        """Stop taking requests: idle connections close now, busy ones after their response."""
+        self.closing = True
+        self.inner.pre_shutdown()
+        for connection in list(self.connections):
+            connection.close_when_idle()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Let running exchanges finish within `timeout`, then cut what is left."""
+        await asyncio.gather(self.inner.shutdown(timeout), self.drain(timeout))
+
+    async def drain(self, timeout: float | None) -> None:
+        running = [connection.task for connection in self.connections
+                   if connection.task is not None]
+        if running:
+            _, pending = await asyncio.wait(running, timeout=timeout)
+            for task in pending:
+                task.cancel()
+        for connection in list(self.connections):
+            connection.close()
+
+
+class FastConnection(asyncio.Protocol):
+    """One client connection while it sends plain GETs: one request at a time, in order."""
+
+    def __init__(self, server: FastServer) -> None:
+        self.server = server
+        self.parser = httptools.HttpRequestParser(self)
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.remote: str | None = None
+        self.scheme = "http"
+        self.closing = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self._url = b""
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._complete = self._keep_alive = False
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.loop = asyncio.get_running_loop()
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.remote = str(peer[0]) if isinstance(peer, (list, tuple)) and peer else None
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = "https"
+        self.server.connections.add(self)
+        self.wait_idle()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.task is None:
+            self.next_request()
+        elif len(self.buffer) > PIPELINE_LIMIT:
+            self.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.cancel_idle_timer()
+        self.wake_writer(ConnectionResetError("client connection closed"))
+        if self.task is not None and not self.task.done():
+            self.task.cancel()  # the client went away: the upstream request goes too
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        self.wake_writer(None)
+
+    # -- httptools callbacks
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw_headers.append((name, value))
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+        self._keep_alive = self.parser.should_keep_alive()
+
+    # -- requests, one at a time
+
+    def next_request(self) -> None:
+        """Serve the next request in the buffer when its head is complete and it is a plain GET;
+        hand the connection to aiohttp when it is anything else."""
+        if not self.buffer or self.closing:
+            return
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buffer) > self.server.head_limit or b"\n\n" in self.buffer:
+                self.hand_over()  # aiohttp answers the oversized or odd head
+            return
+        request = self.parse(bytes(self.buffer[:end + 4]))
+        if request is None:
+            self.hand_over()
+            return
+        del self.buffer[:end + 4]
+        self.cancel_idle_timer()
+        self.task = self.loop.create_task(self.serve(request))
+
+    def parse(self, head: bytes) -> FastRequest | None:
+        self._url, self._raw_headers, self._complete = b"", [], False
+        try:
+            self.parser.feed_data(head)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return None  # (CONNECT and Upgrade requests raise the latter)
+        if not self._complete or self.parser.get_method() != b"GET" \
+                or self.parser.get_http_version() != "1.1":
+            return None
+        return self.server.gate.admit(self._url, self._raw_headers, self._keep_alive, self)
+
+    def hand_over(self) -> None:
+        """aiohttp's server takes the connection from the first byte of the current request."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.server.connections.discard(self)
+        self.cancel_idle_timer()
+        handler = self.server.inner()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self._reading_paused:
+            transport.resume_reading()
+        data, self.buffer = bytes(self.buffer), bytearray()
+        self.transport = None
+        handler.data_received(data)
+
+    async def serve(self, request: FastRequest) -> None:
+        """The request path (proxy.py) for one fast GET, then the next request or the close."""
+        server = self.server
+        exchange = Exchange(request_id_for(request), time.monotonic())
+        metrics = server.app[METRICS]
+        metrics.started_one()
+        server.served += 1
+        try:
+            outgoing = outgoing_request(request, server.config, request.raw_path,
+                                        exchange.request_id)
+            async with server.app[ADMISSION].slot(request.remote or "-"):
+                await forward_with(server.app, outgoing, None, exchange,
+                                   interim_relay(request.version, self.transport),
+                                   lambda upstream, deadline: relay(
+                                       request, upstream, server.config, deadline,
+                                       FastSide(self, request.keep_alive)))
+        except ProxyError as error:
+            exchange.fail(error)
+            self.send_error(error, exchange.request_id, request.keep_alive)
+        except asyncio.CancelledError:
+            exchange.outcome, exchange.detail = "aborted", "client went away"
+            raise
+        finally:
+            duration = time.monotonic() - exchange.started
+            metrics.finished(exchange, duration)
+            if server.access is not None:
+                server.access.write(exchange_fields(
+                    request.remote, request.method, request.raw_path, "1.1", exchange.status,
+                    exchange.bytes_out, duration, exchange))
+            self.task = None
+        self.after_response(request.keep_alive)
+
+    def after_response(self, keep_alive: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not keep_alive or self.server.closing:
+            transport.close()
+            return
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        self.wait_idle()
+        self.next_request()
+
+    def send_error(self, error: ProxyError, request_id: str, keep_alive: bool) -> None:
+        text = error.text(request_id).encode()
+        close = error.close or not keep_alive
+        headers = {"Content-Type": "text/plain; charset=utf-8", **error.headers_for(request_id)}
+        head = response_head(error.status, None, headers, f"Content-Length: {len(text)}\r\n",
+                             close)
+        self.write(head + text)
+        if error.close and self.transport is not None:
+            self.transport.close()
+
+    # -- writing
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("client connection closed")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Returns once the client's socket takes bytes again (backpressure)."""
+        if self._writable is not None:
+            await asyncio.shield(self._writable)
+
+    async def flushed(self) -> None:
+        """Returns once every byte written so far left the process (before a splice)."""
+        transport = self.transport
+        if transport is None:
+            raise ConnectionResetError("client connection closed")
+        transport.set_write_buffer_limits(high=0)
+        try:
+            while transport.get_write_buffer_size():
+                if self._writable is None:
+                    self.pause_writing()
+                await self.drain()
+        finally:
+            if not transport.is_closing():
+                transport.set_write_buffer_limits()
+
+    def wake_writer(self, error: BaseException | None) -> None:
+        waiter, self._writable = self._writable, None
+        if waiter is not None and not waiter.done():
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+    # -- connection lifetime
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def wait_idle(self) -> None:
+        """Close the connection if no complete request head arrives within the keep-alive time."""
+        self.cancel_idle_timer()
+        self._idle_timer = self.loop.call_later(self.server.config.client_keepalive, self.close)
+
+    def cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def close_when_idle(self) -> None:
+        self.closing = True
+        if self.task is None:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def response_head(status: int, reason: str | None, headers: Any, framing: str,
+                  close: bool) -> bytes:
+    """The status line and headers as they go on the wire; Date added when the upstream sent
+    none (RFC 9110 6.6.1), no Server of fileproxy's own."""
+    if reason is None:
+        reason = HTTPStatus(status).phrase
+    lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+    if "Date" not in headers:
+        lines.append(f"Date: {http_date()}\r\n")
+    lines.append(framing)
+    if close:
+        lines.append("Connection: close\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+class FastSide:
+    """streaming.ClientSide for the fast path: responses written straight to the transport."""
+
+    def __init__(self, connection: FastConnection, keep_alive: bool) -> None:
+        self.connection, self.keep_alive = connection, keep_alive
+
+    def whole(self, upstream: UpstreamResponse, body: bytes) -> FastResponse:
+        response = FastResponse(self.connection, upstream.status, len(body))
+        head = response_head(upstream.status, upstream.reason, response_headers(upstream),
+                             f"Content-Length: {len(body)}\r\n", not self.keep_alive)
+        self.connection.write(head + body)
+        response.body_bytes = len(body)
+        return response
+
+    async def start(self, upstream: UpstreamResponse) -> FastResponse:
+        status = upstream.status
+        length = response_length(upstream)
+        if status in NO_BODY_STATUSES:
+            framing = f"Content-Length: {length}\r\n" if status == 304 and length is not None \
+                else ""
+            length = 0
+        elif length is None:
+            framing = "Transfer-Encoding: chunked\r\n"
+        else:
+            framing = f"Content-Length: {length}\r\n"
+        response = FastResponse(self.connection, status, length)
+        response.pending = response_head(status, upstream.reason, response_headers(upstream),
+                                         framing, not self.keep_alive)
+        if upstream.content.total_bytes == 0:  # nothing to send it with: the head goes now
+            self.connection.write(response.pending)
+            response.pending = b""
+        return response
+
+
+class FastResponse:
+    """streaming.Streamed for the fast path: Content-Length or chunked framing, the head sent
+    with the first body bytes when they are already there."""
+
+    def __init__(self, connection: FastConnection, status: int, length: int | None) -> None:
+        self.connection, self.status, self.content_length = connection, status, length
+        self.chunked = length is None
+        self.pending = b""
+        self.body_bytes = 0
+        self.aborted: str | None = None
+        self.fault: str | None = None
+
+    def framed(self, data: bytes) -> bytes:
+        if self.chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        if self.pending:
+            data, self.pending = self.pending + data, b""
+        return data
+
+    async def write(self, data: bytes) -> None:
+        self.connection.write(self.framed(data))
+        await self.connection.drain()
+
+    async def flush(self, chunks: list[bytes]) -> int:
+        """(Spliced bodies have a length: no chunked framing here.)"""
+        body = b"".join(chunks)
+        data, self.pending = self.pending + body, b""
+        if data:
+            self.connection.write(data)
+        await self.connection.flushed()
+        return len(body)
+
+    async def write_eof(self) -> None:
+        tail = self.pending + (b"0\r\n\r\n" if self.chunked else b"")
+        self.pending = b""
+        if tail:
+            self.connection.write(tail)
+
