@@ -215,7 +215,7 @@ class FastConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.cancel_idle_timer()
-        self.wake_writer(ConnectionResetError("client connection closed"))
+        self.wake_writer()  # a write after this raises: the transport is closing
         if self.task is not None and not self.task.done():
             self.task.cancel()  # the client went away: the upstream request goes too
 
@@ -224,7 +224,7 @@ class FastConnection(asyncio.Protocol):
             self._writable = self.loop.create_future()
 
     def resume_writing(self) -> None:
-        self.wake_writer(None)
+        self.wake_writer()
 
     # -- httptools callbacks
 
@@ -301,9 +301,13 @@ class FastConnection(asyncio.Protocol):
                                    lambda upstream, deadline: relay(
                                        request, upstream, server.config, deadline,
                                        FastSide(self, request.keep_alive)))
+            await self.drained_within(server.config.client_timeout)
         except ProxyError as error:
             exchange.fail(error)
             self.send_error(error, exchange.request_id, request.keep_alive)
+        except ConnectionError:
+            exchange.outcome, exchange.detail = "aborted", "client went away"
+            self.close()
         except asyncio.CancelledError:
             exchange.outcome, exchange.detail = "aborted", "client went away"
             raise
@@ -331,6 +335,8 @@ class FastConnection(asyncio.Protocol):
         self.next_request()
 
     def send_error(self, error: ProxyError, request_id: str, keep_alive: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
         text = error.text(request_id).encode()
         close = error.close or not keep_alive
         headers = {"Content-Type": "text/plain; charset=utf-8", **error.headers_for(request_id)}
@@ -348,9 +354,19 @@ class FastConnection(asyncio.Protocol):
         self.transport.write(data)
 
     async def drain(self) -> None:
-        """Returns once the client's socket takes bytes again (backpressure)."""
+        """Returns once the client's socket takes bytes again (backpressure), or it closed."""
         if self._writable is not None:
             await asyncio.shield(self._writable)
+
+    async def drained_within(self, client_timeout: float) -> None:
+        """Before the next request: the last response left, or the client is cut off after
+        `client_timeout` (a client that pipelines and never reads must not pile up answers)."""
+        if self._writable is not None:
+            try:
+                async with asyncio.timeout(client_timeout or None):
+                    await self.drain()
+            except TimeoutError:
+                raise ConnectionResetError("the client took no bytes") from None
 
     async def flushed(self) -> None:
         """Returns once every byte written so far left the process (before a splice)."""
@@ -360,20 +376,20 @@ class FastConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=0)
         try:
             while transport.get_write_buffer_size():
-                if self._writable is None:
-                    self.pause_writing()
-                await self.drain()
+                if transport.is_closing():
+                    raise ConnectionResetError("client connection closed")
+                if self._writable is not None:
+                    await self.drain()
+                else:  # pragma: no cover - the transport pauses us above high=0
+                    await asyncio.sleep(0.001)
         finally:
             if not transport.is_closing():
                 transport.set_write_buffer_limits()
 
-    def wake_writer(self, error: BaseException | None) -> None:
+    def wake_writer(self) -> None:
         waiter, self._writable = self._writable, None
         if waiter is not None and not waiter.done():
-            if error is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(error)
+            waiter.set_result(None)
 
     # -- connection lifetime
 
