@@ -191,6 +191,14 @@ class Config:
     read_size: int = setting(256 * 1024, positive(parse_size),
                              "bytes read from a peer per chunk and buffered per direction",
                              metavar="SIZE")
+    upstream_segments: int = setting(
+        1, positive(parse_count),
+        "fetch a large GET's body from the upstream as this many byte ranges at once, relayed "
+        "in order (1: off); for lossy upstream links, needs Accept-Ranges and a strong ETag",
+        metavar="N")
+    segment_size: int = setting(1024 * 1024, positive(parse_size),
+                                "bytes per range with --upstream-segments; memory per transfer "
+                                "stays under N of them", metavar="SIZE")
     connect_timeout: float = setting(10.0, positive(parse_seconds),
                                      "seconds to open an upstream connection", metavar="SECONDS")
     read_timeout: float = setting(

@@ -298,9 +298,9 @@ class FastConnection(asyncio.Protocol):
             async with server.app[ADMISSION].slot(request.remote or "-"):
                 await forward_with(server.app, outgoing, None, exchange,
                                    interim_relay(request.version, self.transport),
-                                   lambda upstream, deadline: relay(
+                                   lambda upstream, deadline, segments: relay(
                                        request, upstream, server.config, deadline,
-                                       FastSide(self, request.keep_alive)))
+                                       FastSide(self, request.keep_alive), segments))
             await self.drained_within(server.config.client_timeout)
         except ProxyError as error:
             exchange.fail(error)

@@ -25,6 +25,7 @@ from fileproxy.headers import (
 )
 from fileproxy.keys import ADMISSION, CONFIG, LEAN, METRICS, RETRY, SESSION, TASKS, UPSTREAMS
 from fileproxy.lean import Interim
+from fileproxy.segments import SegmentedFetch, plan_for
 from fileproxy.state import StateUnavailable
 from fileproxy.streaming import AiohttpSide, Streamed, relay, within
 from fileproxy.tasks import task_unavailable
@@ -44,7 +45,7 @@ class Relayed(Protocol):
 
 
 R = TypeVar("R", bound=Relayed)
-Respond = Callable[[UpstreamResponse, float | None], Awaitable[R]]
+Respond = Callable[[UpstreamResponse, float | None, "SegmentedFetch | None"], Awaitable[R]]
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
@@ -93,9 +94,10 @@ async def forward(request: web.Request, outgoing: Outgoing,
     config = request.app[CONFIG]
     body = body_payload(request, outgoing, config)
 
-    async def respond(upstream_response: UpstreamResponse,
-                      deadline: float | None) -> Streamed:
-        return await relay(request, upstream_response, config, deadline, AiohttpSide(request))
+    async def respond(upstream_response: UpstreamResponse, deadline: float | None,
+                      segments: SegmentedFetch | None) -> Streamed:
+        return await relay(request, upstream_response, config, deadline, AiohttpSide(request),
+                           segments)
 
     response = await forward_with(request.app, outgoing, body, exchange,
                                   interim_relay(request.version, request.transport), respond)
@@ -120,9 +122,10 @@ async def forward_with(app: web.Application, outgoing: Outgoing, body: Forwarded
     finally:
         exchange.bytes_in = body.body_bytes if body is not None else 0
     exchange.ttfb = time.monotonic() - exchange.started
+    segments = segmented(app, upstream, outgoing, upstream_response)
     try:
         async with upstream_response:
-            response = await respond(upstream_response, deadline)
+            response = await respond(upstream_response, deadline, segments)
     finally:
         upstream.end()
     exchange.relayed(response)
@@ -172,6 +175,19 @@ async def send_with_retries(app: web.Application, outgoing: Outgoing,
             upstream.end()
         exchange.retries += 1
         await asyncio.sleep(policy.backoff(exchange.retries))
+
+
+def segmented(app: web.Application, upstream: Upstream, outgoing: Outgoing,
+              response: UpstreamResponse) -> SegmentedFetch | None:
+    """--upstream-segments: the rest of a large body fetched as ranges from the same upstream."""
+    plan = plan_for(app[CONFIG], outgoing, response)
+    if plan is None:
+        return None
+
+    def fetch(ranged: Outgoing) -> Awaitable[UpstreamResponse]:
+        return send(app[SESSION], upstream, ranged, None, None, app.get(LEAN))
+
+    return SegmentedFetch(plan, outgoing, fetch)
 
 
 def interim_relay(version: HttpVersion, transport: asyncio.Transport | None) -> Interim | None:

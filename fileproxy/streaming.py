@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -16,6 +17,7 @@ from fileproxy.config import Config
 from fileproxy.headers import response_headers, response_length
 from fileproxy.lean import LeanResponse
 from fileproxy.responses import NoDefaultHeaders
+from fileproxy.segments import SegmentedFetch, SegmentFailed
 from fileproxy.splice import (
     SinkGone,
     SourceCut,
@@ -128,7 +130,8 @@ class AiohttpSide:
 
 
 async def relay(request: RelayingRequest, upstream: UpstreamResponse, config: Config,
-                deadline: float | None, side: ClientSide) -> Streamed:
+                deadline: float | None, side: ClientSide,
+                segments: SegmentedFetch | None = None) -> Streamed:
     """The upstream's response to the client: whole when it is small and already here, else
     streamed (headers first, then the body) within the total deadline."""
     whole = arrived_whole(request, upstream)
@@ -137,7 +140,7 @@ async def relay(request: RelayingRequest, upstream: UpstreamResponse, config: Co
     response = await side.start(upstream)
     try:
         async with within(deadline):
-            await relay_body(request, upstream, response, config)
+            await relay_body(request, upstream, response, config, segments)
     except TimeoutError:
         abort_client(request, response, f"total timeout of {config.total_timeout:g} s",
                      fault="timeout")
@@ -157,19 +160,22 @@ def within(deadline: float | None) -> AbstractAsyncContextManager[object]:
     return asyncio.timeout_at(deadline) if deadline is not None else contextlib.nullcontext()
 
 
-async def relay_body(request: RelayingRequest, upstream: UpstreamResponse,
-                     response: Streamed, config: Config) -> None:
-    """Send the upstream's body, spliced when large and of known length; a body cut short closes
-    the client connection instead of ending cleanly."""
+async def relay_body(request: RelayingRequest, upstream: UpstreamResponse, response: Streamed,
+                     config: Config, segments: SegmentedFetch | None = None) -> None:
+    """Send the upstream's body: in segments fetched side by side when planned, spliced when
+    large and of known length, else copied; a body cut short closes the client connection
+    instead of ending cleanly."""
     if body_expected(request, upstream):
         length = response.content_length
-        if config.splice and upstream.connection is not None and \
+        if segments is not None:
+            await copy_body(request, segments.chunks(upstream), response, config.client_timeout)
+        elif config.splice and upstream.connection is not None and \
                 can_splice(length, upstream.connection.transport, request.transport):
             assert length is not None
             await splice_relay(request, upstream, response, length,
                                Timeouts(source=config.read_timeout, sink=config.client_timeout))
         else:
-            await copy_body(request, upstream, response, config.client_timeout)
+            await copy_body(request, body_chunks(upstream), response, config.client_timeout)
     if response.aborted is None:
         await response.write_eof()
 
@@ -179,31 +185,38 @@ def body_expected(request: RelayingRequest, upstream: UpstreamResponse) -> bool:
         and upstream.status >= 200
 
 
-async def copy_body(request: RelayingRequest, upstream: UpstreamResponse,
-                    response: Streamed, client_timeout: float) -> None:
-    """Write what the upstream has buffered (the session's read_bufsize ahead, no more) as it
-    comes; write() drains, so the upstream is never read faster than the client takes bytes."""
-    content = upstream.content
-    while True:
-        try:
-            chunk = await content.readany()
-        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
-            abort_client(request, response, f"upstream body cut short after "
-                                            f"{response.body_bytes} bytes ({error!r})")
-            return
-        if not chunk:
-            return
-        try:
-            async with asyncio.timeout(client_timeout or None):
-                await response.write(chunk)
-        except ConnectionError:
-            abort_client(request, response, "client went away", fault="client")
-            return
-        except TimeoutError:
-            abort_client(request, response, f"client took no bytes for {client_timeout:g} s",
-                         fault="client")
-            return
-        response.body_bytes += len(chunk)
+async def body_chunks(upstream: UpstreamResponse) -> AsyncIterator[bytes]:
+    """What the upstream has buffered (the read size ahead, no more) as it comes."""
+    while chunk := await upstream.content.readany():
+        yield chunk
+
+
+async def copy_body(request: RelayingRequest, chunks: AsyncIterator[bytes], response: Streamed,
+                    client_timeout: float) -> None:
+    """Write the body's chunks as they come; write() drains, so the upstream is never read
+    faster than the client takes bytes."""
+    async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+        while True:
+            try:
+                chunk = await anext(chunks, b"")
+            except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
+                    SegmentFailed) as error:
+                abort_client(request, response, f"upstream body cut short after "
+                                                f"{response.body_bytes} bytes ({error!r})")
+                return
+            if not chunk:
+                return
+            try:
+                async with asyncio.timeout(client_timeout or None):
+                    await response.write(chunk)
+            except ConnectionError:
+                abort_client(request, response, "client went away", fault="client")
+                return
+            except TimeoutError:
+                abort_client(request, response,
+                             f"client took no bytes for {client_timeout:g} s", fault="client")
+                return
+            response.body_bytes += len(chunk)
 
 
 async def splice_relay(request: RelayingRequest, upstream: UpstreamResponse,

@@ -125,20 +125,20 @@ async def flaky_bytes_handler(request: web.Request) -> web.StreamResponse:
         return await bytes_handler(request)
     cuts[key] = cuts.get(key, 0) + 1
     size = int(request.match_info["size"])
-    start = 0
+    start, end = 0, size
     wanted = request.headers.get("Range")
     response = web.StreamResponse(headers={"ETag": f'"{size}-1"', "Accept-Ranges": "bytes"})
     if wanted and (span := parse_range(wanted, size)) and span[0] < size:
-        start = span[0]
+        start, end = span
         response.set_status(206)
-        response.headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
-    response.content_length = size - start
+        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    response.content_length = end - start
     await response.prepare(request)
     sent = 0
-    for piece in pattern(start, size - start):
+    for piece in pattern(start, end - start):
         await response.write(piece)
         sent += len(piece)
-        if sent >= (size - start) // 3:
+        if sent >= (end - start) // 3:
             break
     await asyncio.sleep(0.05)
     request.transport.close()
