@@ -18,17 +18,18 @@ import json
 import math
 import os
 import secrets
+import shlex
 import subprocess
 import sys
 import time
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, markdown_table, median, progress, save_results, terminate
-from benchmarks.targets import Place, Running, Workdir, start_origin, start_proxies
+from benchmarks.targets import Place, Running, Workdir, start_fileproxy, start_origin, start_proxies
 from benchmarks.topology import (
     CLIENT_ADDR,
     EMULATIONS,
@@ -261,12 +262,15 @@ WORKLOADS = ("small", "download", "upload")
 
 
 def measure(run: Run, topology: Topology, work: Workdir, fileproxy_flags: list[str],
-            chosen: tuple[str, ...] = WORKLOADS
+            chosen: tuple[str, ...] = WORKLOADS, variants: dict[str, list[str]] | None = None
             ) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], list[str]]:
     origin = open_origin(run, topology, work)
     running = origin.running
-    proxies, notes = start_proxies(running, work, fileproxy_flags,
-                                   Place(PROXY_CLIENT_SIDE, topology.proxy), peers=("nginx",))
+    place = Place(PROXY_CLIENT_SIDE, topology.proxy)
+    proxies, notes = start_proxies(running, work, fileproxy_flags, place, peers=("nginx",))
+    for label, flags in (variants or {}).items():  # more fileproxy rows, after the default one
+        variant = start_fileproxy(running, work, [*fileproxy_flags, *flags], place)
+        proxies.insert(1, replace(variant, name=f"fileproxy {label}"))
     targets = [Running("direct", running.url, None, note="routed through the proxy namespace"),
                *proxies]
     workloads = {name: workload for name, workload in
@@ -383,6 +387,17 @@ def load_run(args: argparse.Namespace) -> Run:
     return Run(args.profile, profiles[args.profile], defaults, args.impaired, args.quick)
 
 
+def parse_variants(specs: list[str]) -> dict[str, list[str]]:
+    """--variant LABEL=FLAGS, e.g. 'segments=--upstream-segments 4'."""
+    variants = {}
+    for spec in specs:
+        label, _, flags = spec.partition("=")
+        if not label or not flags:
+            raise HarnessError(f"bench net: --variant takes LABEL=FLAGS, got {spec!r}")
+        variants[label] = shlex.split(flags)
+    return variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -394,6 +409,9 @@ def main() -> None:
                         help="override the scenario file's transfer_seconds")
     parser.add_argument("--scenarios", default=str(SCENARIOS))
     parser.add_argument("--fileproxy-flag", action="append", default=[])
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=FLAGS",
+                        help="another fileproxy row with these flags, e.g. "
+                             "'segments=--upstream-segments 4'")
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         help="comma-separated subset of: " + ", ".join(WORKLOADS))
     parser.add_argument("--emulator", choices=EMULATIONS, default=None,
@@ -424,7 +442,7 @@ def main() -> None:
                 progress(f"link check {c['check']}: configured {c['configured']}, measured "
                          f"{c['measured']} -> {'ok' if c['ok'] else 'OFF BY MORE THAN 20%'}")
             results, notes = measure(run, topology, work, flags,
-                                     tuple(args.workloads.split(",")))
+                                     tuple(args.workloads.split(",")), parse_variants(args.variant))
             emulator = topology.emulator_stats()
         finally:
             work.remove()
