@@ -49,6 +49,8 @@ HANDED_OVER_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expe
                                  b"prefer"})
 SINGLETONS = frozenset(name.encode() for name in SINGLETON_HEADERS)
 NO_BODY_STATUSES = frozenset({204, 304})
+# Seconds an idle connection stays open once the worker is stopping, for a request on its way.
+SHUTDOWN_GRACE = 1.0
 # Bytes a pipelining client may queue behind the request being served before reading pauses.
 PIPELINE_LIMIT = 64 * 1024
 
@@ -150,7 +152,9 @@ class FastServer:
         return self.inner.requests_count + self.served
 
     def pre_shutdown(self) -> None:
-        """Stop taking requests: idle connections close now, busy ones after their response."""
+        """Stop taking requests: every connection closes after its current response, which says
+        Connection: close; an idle one serves a request already on its way, or closes after
+        SHUTDOWN_GRACE (closing at once would race a request the client just sent)."""
         self.closing = True
         self.inner.pre_shutdown()
         for connection in list(self.connections):
@@ -161,14 +165,13 @@ class FastServer:
         await asyncio.gather(self.inner.shutdown(timeout), self.drain(timeout))
 
     async def drain(self, timeout: float | None) -> None:
-        running = [connection.task for connection in self.connections
-                   if connection.task is not None]
-        if running:
-            _, pending = await asyncio.wait(running, timeout=timeout)
-            for task in pending:
-                task.cancel()
+        """Until every connection closed by itself, at most `timeout`; then the rest is cut."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout if timeout is not None else SHUTDOWN_GRACE)
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
         for connection in list(self.connections):
-            connection.close()
+            connection.close()  # (its running exchange, if any, is cancelled with it)
 
 
 class FastConnection(asyncio.Protocol):
@@ -243,7 +246,7 @@ class FastConnection(asyncio.Protocol):
     def next_request(self) -> None:
         """Serve the next request in the buffer when its head is complete and it is a plain GET;
         hand the connection to aiohttp when it is anything else."""
-        if not self.buffer or self.closing:
+        if not self.buffer:
             return
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
@@ -255,6 +258,8 @@ class FastConnection(asyncio.Protocol):
             self.hand_over()
             return
         del self.buffer[:end + 4]
+        if self.closing:
+            request.keep_alive = False  # the worker is stopping: this is the last one
         self.cancel_idle_timer()
         self.task = self.loop.create_task(self.serve(request))
 
@@ -325,7 +330,7 @@ class FastConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if not keep_alive or self.server.closing:
+        if not keep_alive or self.closing:
             transport.close()
             return
         if self._reading_paused:
@@ -338,7 +343,7 @@ class FastConnection(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         text = error.text(request_id).encode()
-        close = error.close or not keep_alive
+        close = error.close or not keep_alive or self.closing
         headers = {"Content-Type": "text/plain; charset=utf-8", **error.headers_for(request_id)}
         head = response_head(error.status, None, headers, f"Content-Length: {len(text)}\r\n",
                              close)
@@ -411,7 +416,9 @@ class FastConnection(asyncio.Protocol):
     def close_when_idle(self) -> None:
         self.closing = True
         if self.task is None:
-            self.close()
+            self.cancel_idle_timer()
+            self._idle_timer = self.loop.call_later(SHUTDOWN_GRACE, self.close)
+            self.next_request()
 
     def close(self) -> None:
         if self.transport is not None:
@@ -441,10 +448,14 @@ class FastSide:
     def __init__(self, connection: FastConnection, keep_alive: bool) -> None:
         self.connection, self.keep_alive = connection, keep_alive
 
+    def closes(self) -> bool:
+        """Connection: close on this response (the client's wish, or the worker is stopping)."""
+        return not self.keep_alive or self.connection.closing
+
     def whole(self, upstream: UpstreamResponse, body: bytes) -> FastResponse:
         response = FastResponse(self.connection, upstream.status, len(body))
         head = response_head(upstream.status, upstream.reason, response_headers(upstream),
-                             f"Content-Length: {len(body)}\r\n", not self.keep_alive)
+                             f"Content-Length: {len(body)}\r\n", self.closes())
         self.connection.write(head + body)
         response.body_bytes = len(body)
         return response
@@ -462,7 +473,7 @@ class FastSide:
             framing = f"Content-Length: {length}\r\n"
         response = FastResponse(self.connection, status, length)
         response.pending = response_head(status, upstream.reason, response_headers(upstream),
-                                         framing, not self.keep_alive)
+                                         framing, self.closes())
         if upstream.content.total_bytes == 0:  # nothing to send it with: the head goes now
             self.connection.write(response.pending)
             response.pending = b""

@@ -134,3 +134,23 @@ async def test_shutdown_lets_a_running_get_finish_and_closes_idle_connections(or
     await asyncio.wait_for(idle_reader.read(), 5)  # the rest of the first body, then the end
     assert idle_reader.at_eof()
     idle_writer.close()
+
+
+async def test_a_request_sent_as_the_worker_stops_gets_its_answer_and_connection_close(
+        origin, make_proxy):
+    """Closing idle keep-alive connections at once would race a request already on its way:
+    the client would see a reset. It gets its answer, marked Connection: close."""
+    proxy = await make_proxy(origin.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /bytes/1 HTTP/1.1\r\nHost: t\r\n\r\n")
+    await reader.readuntil(b"\r\n\r\n")
+    await reader.readexactly(1)
+    cleanup = asyncio.create_task(proxy.runner.cleanup())
+    await asyncio.sleep(0.2)  # the listener is closed and the worker is stopping
+    writer.write(b"GET /bytes/3 HTTP/1.1\r\nHost: t\r\n\r\n")
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    await asyncio.wait_for(cleanup, 10)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"\r\nConnection: close" in head
+    assert len(body) == 3
