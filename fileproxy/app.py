@@ -13,6 +13,7 @@ from fileproxy.admin import add_admin_routes
 from fileproxy.admission import Admission
 from fileproxy.config import Config, active_config
 from fileproxy.fastpath import FastServer
+from fileproxy.headers import parser_limit
 from fileproxy.health import HealthChecker
 from fileproxy.keys import ADMISSION, CONFIG, LEAN, METRICS, RETRY, SESSION, STORE, TASKS, UPLOADS, UPSTREAMS
 from fileproxy.lean import LeanPool
@@ -117,9 +118,8 @@ def build_runner(config: Config) -> web.AppRunner:
         keepalive_timeout=config.client_keepalive,
         shutdown_timeout=config.graceful_timeout,
         read_bufsize=config.read_size,
-        # The parser's hard limits sit above ours so that check_header_limits answers 431.
-        max_line_size=max(8190, 2 * config.max_header_size),
-        max_field_size=max(8190, 2 * config.max_header_size),
+        max_line_size=parser_limit(config),
+        max_field_size=parser_limit(config),
         max_headers=2 * config.max_headers,
         access_log=logging.getLogger("fileproxy.access") if config.access_log else None,
         access_log_class=AccessLogger,

@@ -35,6 +35,7 @@ from fileproxy.errors import ProxyError
 from fileproxy.headers import (
     check_header_limits,
     outgoing_request,
+    parser_limit,
     response_headers,
     response_length,
 )
@@ -91,10 +92,11 @@ class Gate:
         self.admin = config.admin_prefix
         self.admin_bytes = self.admin.encode()
         self.async_routes = config.async_route
+        self.longest_url = parser_limit(config)
 
     def admit(self, url: bytes, raw_headers: list[tuple[bytes, bytes]], keep_alive: bool,
               connection: FastConnection) -> FastRequest | None:
-        if not url.startswith(b"/") or self.admin_bytes in url:
+        if not url.startswith(b"/") or self.admin_bytes in url or len(url) > self.longest_url:
             return None
         target = url.decode("utf-8", "surrogateescape")
         if "%" in target and self.admin in unquote(target):

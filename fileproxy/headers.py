@@ -120,6 +120,12 @@ def check_header_limits(raw_headers: tuple[tuple[bytes, bytes], ...], config: Co
                               f"{config.max_header_size}")
 
 
+def parser_limit(config: Config) -> int:
+    """aiohttp's hard limit on a request line or header field: above fileproxy's own, so that
+    check_header_limits answers 431 with a reason; the fast path hands longer ones to aiohttp."""
+    return max(8190, 2 * config.max_header_size)
+
+
 def origin_form_target(request: web.Request) -> str:
     """The request target exactly as received; absolute-form only when it names this host."""
     raw = request.raw_path

@@ -154,3 +154,16 @@ async def test_a_request_sent_as_the_worker_stops_gets_its_answer_and_connection
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK") and b"\r\nConnection: close" in head
     assert len(body) == 3
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "aiohttp-server"])
+async def test_a_request_line_over_the_parser_limit_is_refused_and_never_forwarded(make_proxy,
+                                                                                  fast_path):
+    async with RawServer(lambda _request: b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n") \
+            as origin:
+        proxy = await make_proxy(origin.url, max_header_size=4096, fast_path=fast_path)
+        target = b"/long-" + b"a" * 9000
+        raw = await raw_exchange(proxy.port, b"GET %b HTTP/1.1\r\nHost: t\r\n"
+                                             b"Connection: close\r\n\r\n" % target)
+    assert raw.split(b" ", 2)[1].startswith(b"4"), raw[:100]
+    assert origin.requests == []
