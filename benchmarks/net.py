@@ -168,7 +168,7 @@ def small_requests(topology: Topology, target: Running, run: Run, work: Workdir,
     topology.ns_run(topology.client, sys.executable, "-m", "benchmarks.load", "--url",
                     f"{target.url}{origin.small()}", "--concurrency", str(concurrency(run)),
                     "--requests", "100000000", "--duration", str(seconds), "--timeout", "60",
-                    "--json", str(out), check=False)
+                    "--warm-up", "--json", str(out), check=False)
     summary = json.loads(out.read_text())
     return {"rps": summary["requests_per_s"], "p50_ms": summary["latency_ms"].get("p50"),
             "p95_ms": summary["latency_ms"].get("p95"),
@@ -326,7 +326,9 @@ def report(run: Run, results: dict[str, Any], checks: list[dict[str, Any]], vali
     profile = run.profile
     head = (f"Profile `{run.profile_name}` on {run.impaired_links}: RTT {profile['rtt_ms']} "
             f"+- {profile['jitter_ms']} ms, {profile['rate_mbit'] or 'unlimited'} Mbit/s, "
-            f"{profile['loss'] * 100:g}% loss each way; concurrency {concurrency(run)}; "
+            f"{profile['loss'] * 100:g}% loss each way; concurrency {concurrency(run)} "
+            f"(small requests measured on established connections, after one unmeasured "
+            f"request each); "
             f"congestion control {congestion}; fileproxy --tcp-congestion "
             f"{fileproxy_cc or 'auto (its default: bbr where the kernel has it)'}; "
             f"links: {emulation}.")

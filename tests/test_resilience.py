@@ -255,3 +255,15 @@ async def test_load_tool_counts_statuses_and_latencies(origin):
     summary = result.summary()
     assert summary["statuses"] == {"204": 50} and summary["errors"] == {}
     assert summary["latency_ms"]["p99"] >= summary["latency_ms"]["p50"] > 0
+
+
+async def test_load_tool_warm_up_requests_are_not_measured(origin, client):
+    from benchmarks.load import run_load
+
+    result = await run_load(f"{origin.url}/echo/warm", concurrency=4, requests=20,
+                            progress=False, warm_up=True)
+    assert result.summary()["statuses"] == {"200": 20}
+    async with client.get(f"{origin.url}/_origin/events") as response:
+        events = (await response.json())["events"]
+    assert sum(1 for event in events if event["path"] == "/echo/warm"
+               and event["event"] == "body-complete") == 24  # 4 unmeasured + 20
