@@ -139,7 +139,8 @@ async def test_a_task_whose_worker_stopped_runs_again_elsewhere(origin, make_pro
     settings = {**redis_settings(redis_server), "task_visibility_timeout": 0.5,
                 "task_concurrency": 1}
     first = await make_proxy(origin.url, **settings)
-    async with client.get(f"{first.url}/slow-headers?delay=1.5", headers=ASYNC) as response:
+    # The upstream takes long enough that the first instance cannot finish before it stops.
+    async with client.get(f"{first.url}/slow-headers?delay=4", headers=ASYNC) as response:
         status_url = (await response.json())["status_url"]
     await wait_status(client, first.url + status_url, {"processing"})
     assert first.app[TASKS].running, "the first instance runs it"
