@@ -208,6 +208,7 @@ class FastConnection(asyncio.Protocol):
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = "https"
         self.server.connections.add(self)
+        self.closing = self.server.closing  # (accepted just as the worker began to stop)
         self.wait_idle()
 
     def data_received(self, data: bytes) -> None:
