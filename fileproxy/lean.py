@@ -149,7 +149,7 @@ class LeanConnection(asyncio.Protocol):
         self._reason = ""
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: LeanBody | None = None
-        self._complete = self._keep_alive = False
+        self._complete = self._keep_alive = self._head_keep_alive = False
         self._interim: Interim | None = None
 
     @property
@@ -198,6 +198,7 @@ class LeanConnection(asyncio.Protocol):
         if 100 <= status < 200:
             return  # interim: passed on when its message completes
         assert self._head is not None and self.transport is not None
+        self._head_keep_alive = self.parser.should_keep_alive()  # (valid from here on)
         self._body = LeanBody(self, self.pool.read_size, self.pool.read_timeout)
         headers = CIMultiDict((name.decode("utf-8", "surrogateescape"),
                                value.decode("utf-8", "surrogateescape"))
@@ -248,6 +249,14 @@ class LeanConnection(asyncio.Protocol):
     def time_out(head: asyncio.Future[LeanResponse]) -> None:
         if not head.done():
             head.set_exception(TimeoutError())
+
+    def body_spliced(self) -> None:
+        """The rest of the body left the socket by splice, exactly to its end: the parser never
+        saw those bytes, so a fresh one takes the next response and the connection, at a message
+        boundary, can go back to the pool (saving the next request a handshake)."""
+        self.parser = httptools.HttpResponseParser(self)
+        self._complete, self._keep_alive = True, self._head_keep_alive
+        self.resume_reading()
 
     def done_with(self) -> None:
         """The exchange is over: back to the pool if it ended cleanly on a keep-alive connection."""

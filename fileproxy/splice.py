@@ -5,9 +5,10 @@ stream buffer). A body of known length needs no parsing, so once the headers are
 pauses aiohttp's reading of the source connection, forwards what aiohttp had already buffered, and
 moves the rest kernel-side: source socket -> pipe -> sink socket. The pipe is the only buffer
 (256 KiB), so memory stays flat and backpressure is the kernel's. The source connection's HTTP parser
-never sees those bytes, so that connection is not reused afterwards: a spliced response closes its
-upstream connection, a spliced upload closes the client's after the response. Anything unusual
-(TLS, unix sockets, small or chunked bodies) takes the ordinary path.
+never sees those bytes: a lean-client upstream connection whose body went through to its end gets
+a fresh parser and is reused (lean.LeanConnection.body_spliced); an aiohttp one is closed, and a
+spliced upload closes the client's connection after the response. Anything unusual (TLS, unix
+sockets, small or chunked bodies) takes the ordinary path.
 """
 
 from __future__ import annotations

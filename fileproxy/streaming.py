@@ -221,17 +221,24 @@ async def copy_body(request: RelayingRequest, chunks: AsyncIterator[bytes], resp
 
 async def splice_relay(request: RelayingRequest, upstream: UpstreamResponse,
                        response: Streamed, length: int, timeouts: Timeouts) -> None:
-    """The zero-copy path (fileproxy/splice.py), with the same outcomes as copy_body."""
+    """The zero-copy path (fileproxy/splice.py), with the same outcomes as copy_body. The
+    upstream connection's parser never saw the spliced bytes: a lean connection whose body went
+    through to its end takes a fresh parser and is reused; any other is closed."""
+    complete = False
     try:
         await splice_response_body(upstream, response, length, timeouts, request.transport,
                                    response.flush)
+        complete = True
     except (SourceCut, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
         abort_client(request, response, f"upstream body cut short after "
                                         f"{response.body_bytes} bytes ({error})")
     except (SinkGone, ConnectionError) as error:
         abort_client(request, response, f"client went away ({error})", fault="client")
     finally:
-        upstream.close()  # aiohttp's parser never saw the spliced bytes: never reuse this one
+        if complete and isinstance(upstream, LeanResponse) and upstream.connection is not None:
+            upstream.connection.body_spliced()
+        else:
+            upstream.close()
 
 
 def abort_client(request: RelayingRequest, response: Streamed, reason: str,
