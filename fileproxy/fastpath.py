@@ -137,6 +137,7 @@ class FastServer:
                  ) -> None:
         self.inner, self.app, self.access = inner, app, access
         self.config = app[CONFIG]
+        self.metrics, self.admission = app[METRICS], app[ADMISSION]  # (looked up once)
         self.gate = Gate(self.config)
         self.connections: set[FastConnection] = set()
         self.served = 0
@@ -297,13 +298,13 @@ class FastConnection(asyncio.Protocol):
         """The request path (proxy.py) for one fast GET, then the next request or the close."""
         server = self.server
         exchange = Exchange(request_id_for(request), time.monotonic())
-        metrics = server.app[METRICS]
+        metrics = server.metrics
         metrics.started_one()
         server.served += 1
         try:
             outgoing = outgoing_request(request, server.config, request.raw_path,
                                         exchange.request_id)
-            async with server.app[ADMISSION].slot(request.remote or "-"):
+            async with server.admission.slot(request.remote or "-"):
                 await forward_with(server.app, outgoing, None, exchange,
                                    interim_relay(request.version, self.transport),
                                    lambda upstream, deadline, segments: relay(
@@ -356,10 +357,14 @@ class FastConnection(asyncio.Protocol):
 
     # -- writing
 
-    def write(self, data: bytes) -> None:
+    def write(self, *parts: bytes) -> None:
+        """Parts leave together without being joined here (a body chunk is not copied)."""
         if self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("client connection closed")
-        self.transport.write(data)
+        if len(parts) == 1:
+            self.transport.write(parts[0])
+        else:
+            self.transport.writelines(parts)
 
     async def drain(self) -> None:
         """Returns once the client's socket takes bytes again (backpressure), or it closed."""
@@ -495,25 +500,25 @@ class FastResponse:
         self.aborted: str | None = None
         self.fault: str | None = None
 
-    def framed(self, data: bytes) -> bytes:
-        if self.chunked:
-            data = b"%x\r\n%b\r\n" % (len(data), data)
+    def framed(self, data: bytes) -> tuple[bytes, ...]:
+        """The pending head (if any), then the chunk in its framing, as parts (no copies)."""
+        parts = (b"%x\r\n" % len(data), data, b"\r\n") if self.chunked else (data,)
         if self.pending:
-            data, self.pending = self.pending + data, b""
-        return data
+            parts, self.pending = (self.pending, *parts), b""
+        return parts
 
     async def write(self, data: bytes) -> None:
-        self.connection.write(self.framed(data))
+        self.connection.write(*self.framed(data))
         await self.connection.drain()
 
     async def flush(self, chunks: list[bytes]) -> int:
         """(Spliced bodies have a length: no chunked framing here.)"""
-        body = b"".join(chunks)
-        data, self.pending = self.pending + body, b""
-        if data:
-            self.connection.write(data)
+        parts = [part for part in (self.pending, *chunks) if part]
+        self.pending = b""
+        if parts:
+            self.connection.write(*parts)
         await self.connection.flushed()
-        return len(body)
+        return sum(map(len, chunks))
 
     async def write_eof(self) -> None:
         tail = self.pending + (b"0\r\n\r\n" if self.chunked else b"")
