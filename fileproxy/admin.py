@@ -9,7 +9,7 @@ from aiohttp import web
 
 from fileproxy import __version__
 from fileproxy.config import Config
-from fileproxy.keys import CONFIG, METRICS, STORE, UPSTREAMS
+from fileproxy.keys import CONFIG, LEGACY, METRICS, STORE, UPSTREAMS
 from fileproxy.metrics import stats
 from fileproxy.responses import QuietResponse, json_response
 from fileproxy.state import StateUnavailable
@@ -71,10 +71,10 @@ def add_admin_routes(app: web.Application, config: Config, refresh: Refresh) -> 
     prefix = config.admin_prefix
     for name, handler in routes.items():
         app.router.add_get(f"{prefix}/{name}", guarded(handler))
-    if config.legacy_endpoints:  # the names the services fileproxy replaces used
-        for path, handler in (("/stats", stats_json), ("/proxy-metrics", stats_json),
-                              ("/proxy-health", ready)):
-            app.router.add_get(path, guarded(handler))
+    # The names the services fileproxy replaces used: routed by the request path (core.routing)
+    # on every server path, answered here.
+    app[LEGACY] = {"/stats": guarded(stats_json), "/proxy-metrics": guarded(stats_json),
+                   "/proxy-health": guarded(ready)}
     add_task_routes(app, prefix, guarded)
     add_upload_routes(app, prefix)
     app.router.add_route("*", prefix + "{tail:(/.*)?}", guarded(not_found))

@@ -11,6 +11,7 @@ from aiohttp import web
 from fileproxy.accesslog import AccessLogger
 from fileproxy.admin import add_admin_routes
 from fileproxy.admission import Admission
+from fileproxy.compat import ServerWrappingRunner
 from fileproxy.config import Config, active_config
 from fileproxy.fastpath import FastServer
 from fileproxy.headers import parser_limit
@@ -97,16 +98,15 @@ def build_app(config: Config) -> web.Application:
     return app
 
 
-class FastPathRunner(web.AppRunner):
+class FastPathRunner(ServerWrappingRunner):
     """aiohttp's AppRunner whose protocol factory is the fast path's (fileproxy/fastpath.py),
     in front of the Server aiohttp made for the application."""
 
-    async def _make_server(self) -> web.Server:
-        inner = await super()._make_server()
+    def wrap(self, inner: web.Server) -> FastServer:
         config = self.app[CONFIG]
         access = AccessLogger(logging.getLogger("fileproxy.access"), config.access_log_format) \
             if config.access_log else None
-        return FastServer(inner, self.app, access)  # type: ignore[return-value]  # duck-typed
+        return FastServer(inner, self.app, access)
 
 
 def build_runner(config: Config) -> web.AppRunner:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fileproxy import __version__
+from fileproxy.compat import UntestedVersion, check_versions
 from fileproxy.config import (
     CONFIG_FILE_ENV,
     SETTINGS,
@@ -84,6 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         command, config = parse_args(argv)
     except ConfigError as error:
+        print(f"fileproxy: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        check_versions()
+    except UntestedVersion as error:
         print(f"fileproxy: error: {error}", file=sys.stderr)
         return 2
     from fileproxy import server

@@ -210,6 +210,10 @@ class Config:
         "seconds a client may stall mid-transfer (send no body byte, take no response byte) "
         "before its connection is closed, as nginx's client_body_timeout/send_timeout; 0: never",
         metavar="SECONDS")
+    client_header_timeout: float = setting(
+        60.0, positive(parse_seconds),
+        "seconds a client may take to send a request's head once it began (nginx's "
+        "client_header_timeout); then its connection is closed", metavar="SECONDS")
     client_keepalive: float = setting(
         75.0, positive(parse_seconds), "seconds an idle client connection is kept open",
         metavar="SECONDS")

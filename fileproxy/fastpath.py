@@ -30,19 +30,14 @@ from aiohttp.http_parser import SINGLETON_HEADERS
 from multidict import CIMultiDict
 
 from fileproxy.accesslog import AccessLogger, Exchange, exchange_fields
+from fileproxy.compat import request_handler
 from fileproxy.config import Config
+from fileproxy.core.checks import REQUEST_LINE
+from fileproxy.core.routing import Route, route
 from fileproxy.errors import ProxyError
-from fileproxy.headers import (
-    check_header_limits,
-    outgoing_request,
-    parser_limit,
-    response_headers,
-    response_length,
-)
-from fileproxy.keys import ADMISSION, CONFIG, METRICS
-from fileproxy.proxy import forward_with, interim_relay, request_id_for
-from fileproxy.streaming import relay
-from fileproxy.tasks import async_wanted
+from fileproxy.headers import Outgoing, parser_limit, response_headers, response_length
+from fileproxy.keys import CONFIG
+from fileproxy.proxy import request_id_for, serve_request
 from fileproxy.upstream import UpstreamResponse
 
 # Headers that mean "not a plain GET": a body, an interim exchange, a protocol switch, async.
@@ -56,6 +51,17 @@ SHUTDOWN_GRACE = 1.0
 PIPELINE_LIMIT = 64 * 1024
 
 
+def refusal(request: web.BaseRequest, status: int, reason: str) -> web.StreamResponse:
+    """A request aiohttp's parser refused (or a handler that failed), answered as every error."""
+    error = ProxyError(status, f"{HTTPStatus(status).phrase}: {reason}", close=True)
+    return error.response(request_id_for(request))
+
+
+def no_body(outgoing: Outgoing) -> None:
+    """The fast path serves requests without a body."""
+    return None
+
+
 def http_date(_cache: list[Any] = [0, ""]) -> str:  # noqa: B006 - the per-second cache
     """The Date header value, formatted once per second."""
     now = int(time.time())
@@ -66,10 +72,10 @@ def http_date(_cache: list[Any] = [0, ""]) -> str:  # noqa: B006 - the per-secon
 
 @dataclass(slots=True)
 class FastRequest:
-    """A GET the fast path serves: what building the upstream request and relaying read
-    (headers.ClientRequest, streaming.RelayingRequest)."""
+    """A GET the fast path serves, as the request path reads it (proxy.ServedRequest)."""
 
     raw_path: str
+    raw_headers: tuple[tuple[bytes, bytes], ...]
     headers: CIMultiDict[str]
     remote: str | None
     scheme: str
@@ -85,34 +91,33 @@ class FastRequest:
 
 
 class Gate:
-    """Which parsed GETs the fast path may serve; None sends the request to aiohttp."""
+    """Which parsed requests the fast path serves: a GET on HTTP/1.1 with a well-formed request
+    line, no body or interim exchange, no repeated singleton header, that the request path routes
+    to the upstream. None hands the request to aiohttp's server, which answers everything else
+    through the same request path (or refuses what its parser cannot read)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.admin = config.admin_prefix
-        self.admin_bytes = self.admin.encode()
-        self.async_routes = config.async_route
         self.longest_url = parser_limit(config)
 
-    def admit(self, url: bytes, raw_headers: list[tuple[bytes, bytes]], keep_alive: bool,
-              connection: FastConnection) -> FastRequest | None:
-        if not url.startswith(b"/") or self.admin_bytes in url or len(url) > self.longest_url:
-            return None
-        target = url.decode("utf-8", "surrogateescape")
-        if "%" in target and self.admin in unquote(target):
+    def admit(self, line: bytes, url: bytes, raw_headers: list[tuple[bytes, bytes]],
+              keep_alive: bool, connection: FastConnection) -> FastRequest | None:
+        if len(url) > self.longest_url or not REQUEST_LINE.fullmatch(line):
             return None
         headers = self.plain_headers(raw_headers)
         if headers is None:
             return None
-        request = FastRequest(target, headers, connection.remote, connection.scheme, keep_alive,
+        request = FastRequest(url.decode("utf-8", "surrogateescape"), tuple(raw_headers), headers,
+                              connection.remote, connection.scheme, keep_alive,
                               connection.transport)
-        if self.async_routes and async_wanted("GET", request.path, None, self.async_routes):
+        if route("GET", request.path, None, self.config) is not Route.FORWARD:
             return None
         return request
 
-    def plain_headers(self, raw_headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str] | None:
-        """The headers, unless one asks for aiohttp (a body, Expect, ...), a singleton repeats
-        (aiohttp answers 400) or the limits are exceeded (aiohttp's path answers 431)."""
+    @staticmethod
+    def plain_headers(raw_headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str] | None:
+        """The headers, unless one asks for aiohttp (a body, Expect, ...) or a singleton repeats
+        (aiohttp's parser answers 400)."""
         seen: set[bytes] = set()
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in raw_headers:
@@ -122,10 +127,6 @@ class Gate:
             seen.add(lowered)
             headers.add(name.decode("utf-8", "surrogateescape"),
                         value.decode("utf-8", "surrogateescape"))
-        try:
-            check_header_limits(tuple(raw_headers), self.config)
-        except ProxyError:
-            return None
         return headers
 
 
@@ -137,7 +138,6 @@ class FastServer:
                  ) -> None:
         self.inner, self.app, self.access = inner, app, access
         self.config = app[CONFIG]
-        self.metrics, self.admission = app[METRICS], app[ADMISSION]  # (looked up once)
         self.gate = Gate(self.config)
         self.connections: set[FastConnection] = set()
         self.served = 0
@@ -146,8 +146,12 @@ class FastServer:
 
     def __call__(self) -> asyncio.Protocol:
         if not self.config.fast_path:
-            return self.inner()
+            return self.aiohttp_handler()
         return FastConnection(self)
+
+    def aiohttp_handler(self) -> asyncio.Protocol:
+        """aiohttp's connection handler, its own refusals answered in fileproxy's words."""
+        return request_handler(self.inner, refusal, self.config.client_header_timeout)
 
     @property
     def requests_count(self) -> int:
@@ -213,6 +217,8 @@ class FastConnection(asyncio.Protocol):
         self.wait_idle()
 
     def data_received(self, data: bytes) -> None:
+        if not self.buffer and self.task is None:
+            self.wait_for_head()  # the first byte of a head: it must be complete in time
         self.buffer += data
         if self.task is None:
             self.next_request()
@@ -276,7 +282,8 @@ class FastConnection(asyncio.Protocol):
         if not self._complete or self.parser.get_method() != b"GET" \
                 or self.parser.get_http_version() != "1.1":
             return None
-        return self.server.gate.admit(self._url, self._raw_headers, self._keep_alive, self)
+        line = head[:head.find(b"\r\n") + 2]
+        return self.server.gate.admit(line, self._url, self._raw_headers, self._keep_alive, self)
 
     def hand_over(self) -> None:
         """aiohttp's server takes the connection from the first byte of the current request."""
@@ -285,7 +292,7 @@ class FastConnection(asyncio.Protocol):
             return
         self.server.connections.discard(self)
         self.cancel_idle_timer()
-        handler = self.server.inner()
+        handler = self.server.aiohttp_handler()
         transport.set_protocol(handler)
         handler.connection_made(transport)
         if self._reading_paused:
@@ -295,25 +302,14 @@ class FastConnection(asyncio.Protocol):
         handler.data_received(data)
 
     async def serve(self, request: FastRequest) -> None:
-        """The request path (proxy.py) for one fast GET, then the next request or the close."""
+        """The request path (proxy.serve_request) for one GET, then the next request or the close."""
         server = self.server
         exchange = Exchange(request_id_for(request), time.monotonic())
-        metrics = server.metrics
-        metrics.started_one()
         server.served += 1
+        side = FastSide(self, request.keep_alive)
         try:
-            outgoing = outgoing_request(request, server.config, request.raw_path,
-                                        exchange.request_id)
-            async with server.admission.slot(request.remote or "-"):
-                await forward_with(server.app, outgoing, None, exchange,
-                                   interim_relay(request.version, self.transport),
-                                   lambda upstream, deadline, segments: relay(
-                                       request, upstream, server.config, deadline,
-                                       FastSide(self, request.keep_alive), segments))
+            await serve_request(server.app, request, side, exchange, no_body)
             await self.drained_within(server.config.client_timeout)
-        except ProxyError as error:
-            exchange.fail(error)
-            self.send_error(error, exchange.request_id, request.keep_alive)
         except ConnectionError:
             exchange.outcome, exchange.detail = "aborted", "client went away"
             self.close()
@@ -321,14 +317,12 @@ class FastConnection(asyncio.Protocol):
             exchange.outcome, exchange.detail = "aborted", "client went away"
             raise
         finally:
-            duration = time.monotonic() - exchange.started
-            metrics.finished(exchange, duration)
             if server.access is not None:
                 server.access.write(exchange_fields(
                     request.remote, request.method, request.raw_path, "1.1", exchange.status,
-                    exchange.bytes_out, duration, exchange))
+                    exchange.bytes_out, time.monotonic() - exchange.started, exchange))
             self.task = None
-        self.after_response(request.keep_alive)
+        self.after_response(request.keep_alive and not side.closed)
 
     def after_response(self, keep_alive: bool) -> None:
         transport = self.transport
@@ -340,20 +334,11 @@ class FastConnection(asyncio.Protocol):
         if self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()
-        self.wait_idle()
+        if self.buffer:
+            self.wait_for_head()
+        else:
+            self.wait_idle()
         self.next_request()
-
-    def send_error(self, error: ProxyError, request_id: str, keep_alive: bool) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
-        text = error.text(request_id).encode()
-        close = error.close or not keep_alive or self.closing
-        headers = {"Content-Type": "text/plain; charset=utf-8", **error.headers_for(request_id)}
-        head = response_head(error.status, None, headers, f"Content-Length: {len(text)}\r\n",
-                             close)
-        self.write(head + text)
-        if error.close and self.transport is not None:
-            self.transport.close()
 
     # -- writing
 
@@ -416,6 +401,15 @@ class FastConnection(asyncio.Protocol):
         self.cancel_idle_timer()
         self._idle_timer = self.loop.call_later(self.server.config.client_keepalive, self.close)
 
+    def wait_for_head(self) -> None:
+        """Close the connection if the request head that began is not complete within the
+        header timeout (nginx's client_header_timeout): a slow trickle holds nothing for ever."""
+        if self.closing:
+            return  # the shutdown grace timer stays
+        self.cancel_idle_timer()
+        self._idle_timer = self.loop.call_later(self.server.config.client_header_timeout,
+                                                self.close)
+
     def cancel_idle_timer(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
@@ -455,6 +449,23 @@ class FastSide:
 
     def __init__(self, connection: FastConnection, keep_alive: bool) -> None:
         self.connection, self.keep_alive = connection, keep_alive
+        self.closed = False  # an answer of fileproxy's own closed the connection
+
+    def error(self, error: ProxyError, request_id: str) -> FastResponse:
+        """fileproxy's own answer: the error text, Connection: close when it must close."""
+        text = error.text(request_id).encode()
+        close = error.close or self.closes()
+        headers = {"Content-Type": "text/plain; charset=utf-8", **error.headers_for(request_id)}
+        head = response_head(error.status, None, headers, f"Content-Length: {len(text)}\r\n",
+                             close)
+        response = FastResponse(self.connection, error.status, len(text))
+        if self.connection.transport is not None and not self.connection.transport.is_closing():
+            self.connection.write(head + text)
+            response.body_bytes = len(text)
+        if error.close:
+            self.closed = True
+            self.connection.close()
+        return response
 
     def closes(self) -> bool:
         """Connection: close on this response (the client's wish, or the worker is stopping)."""

@@ -1,18 +1,15 @@
-"""Request validation and header rewriting in both directions (hop-by-hop out, Via and X-Forwarded-* in)."""
+"""Header rewriting in both directions (hop-by-hop out, Via and X-Forwarded-* in)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Protocol
 
-from aiohttp import HttpVersion, hdrs, web
+from aiohttp import HttpVersion, hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from fileproxy.config import Config
-from fileproxy.errors import ProxyError
 
 if TYPE_CHECKING:
     from fileproxy.upstream import UpstreamResponse
@@ -83,62 +80,10 @@ def end_to_end(headers: CIMultiDict[str], drop: frozenset[str]) -> CIMultiDict[s
 
 # ---------------------------------------------------------------- request side
 
-def check_request(request: web.Request, config: Config) -> str:
-    """Refuse what must never reach an upstream; return the origin-form target to send."""
-    if request.method == hdrs.METH_CONNECT:
-        raise ProxyError(405, "Method Not Allowed: CONNECT is refused; fileproxy is a reverse "
-                              "proxy, not a forward proxy", close=True,
-                         headers={"Allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"})
-    check_framing(request.raw_headers)
-    check_header_limits(request.raw_headers, config)
-    return origin_form_target(request)
-
-
-def check_framing(raw_headers: Iterable[tuple[bytes, bytes]]) -> None:
-    """Request-smuggling shapes (RFC 9112 6.3): CL with TE, or Content-Length values that disagree."""
-    lengths: set[bytes] = set()
-    chunked = False
-    for name, value in raw_headers:
-        lowered = name.lower()
-        if lowered == b"content-length":
-            lengths.update(part.strip() for part in value.split(b","))
-        elif lowered == b"transfer-encoding":
-            chunked = True
-    if lengths and chunked:
-        raise ProxyError(400, "Bad Request: both Content-Length and Transfer-Encoding were sent")
-    if len(lengths) > 1:
-        raise ProxyError(400, "Bad Request: conflicting Content-Length values")
-
-
-def check_header_limits(raw_headers: tuple[tuple[bytes, bytes], ...], config: Config) -> None:
-    if len(raw_headers) > config.max_headers:
-        raise ProxyError(431, f"Request Header Fields Too Large: {len(raw_headers)} fields, the "
-                              f"limit is {config.max_headers}")
-    size = sum(len(name) + len(value) + 4 for name, value in raw_headers)
-    if size > config.max_header_size:
-        raise ProxyError(431, f"Request Header Fields Too Large: {size} bytes, the limit is "
-                              f"{config.max_header_size}")
-
-
 def parser_limit(config: Config) -> int:
     """aiohttp's hard limit on a request line or header field: above fileproxy's own, so that
     check_header_limits answers 431 with a reason; the fast path hands longer ones to aiohttp."""
     return max(8190, 2 * config.max_header_size)
-
-
-def origin_form_target(request: web.Request) -> str:
-    """The request target exactly as received; absolute-form only when it names this host."""
-    raw = request.raw_path
-    if raw.startswith("/"):
-        return raw
-    if raw.startswith(("http://", "https://")):
-        url = URL(raw, encoded=True)
-        host_header = request.headers.get(hdrs.HOST, "")
-        if url.raw_authority.lower() == host_header.lower():
-            return url.raw_path_qs or "/"
-        raise ProxyError(400, f"Bad Request: absolute-form target for {url.raw_authority!r} "
-                              "refused; fileproxy is a reverse proxy, not an open proxy")
-    raise ProxyError(400, f"Bad Request: unsupported request target form {raw[:64]!r}")
 
 
 def outgoing_request(request: ClientRequest, config: Config, target: str,

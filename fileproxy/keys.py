@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import ClientSession, web
 
 from fileproxy.admission import Admission
@@ -24,3 +26,5 @@ METRICS = web.AppKey("metrics", Metrics)
 STORE = web.AppKey("store", StateStore)
 TASKS = web.AppKey("tasks", TaskManager)
 UPLOADS = web.AppKey("uploads", Uploads)
+# fileproxy's answers to the legacy endpoint names (--legacy-endpoints), by path.
+LEGACY = web.AppKey("legacy", dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]])

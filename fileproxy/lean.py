@@ -36,10 +36,23 @@ from fileproxy.upstreams import Upstream
 
 LEAN_METHODS = frozenset({"GET"})
 Interim = Callable[[int, list[tuple[bytes, bytes]]], None]
+Key = tuple[str, int]  # an upstream address: (host, port)
+# Upstream responses may be header-heavy (the core issue asks for ~130 fields and long cookies).
+# Both clients stop at these: aiohttp's (fileproxy/upstream.py) and this one.
+UPSTREAM_MAX_HEADERS = 1024
+UPSTREAM_MAX_FIELD_SIZE = 64 * 1024  # one header line (name + value), or the status line
+STATUS_PREFIX = len(b"HTTP/1.1 200 ")  # the status line before its reason phrase
+# A line httptools is still gathering (it reports a header only once the next one starts) may
+# not grow past this: the bound on the head's memory until the per-line check can run.
+PENDING_LIMIT = 2 * UPSTREAM_MAX_FIELD_SIZE
 
 
 class Disconnected(Exception):
     """The upstream closed the connection before the response headers were complete."""
+
+
+class HeadTooLarge(Exception):
+    """The response head is past UPSTREAM_MAX_HEADERS fields or UPSTREAM_MAX_FIELD_SIZE a line."""
 
 
 class LeanBody:
@@ -138,15 +151,18 @@ class LeanResponse:
 class LeanConnection(asyncio.Protocol):
     """One upstream connection, one exchange at a time, its bytes fed to httptools."""
 
-    def __init__(self, pool: LeanPool, key: tuple[str, int], authority: str) -> None:
+    def __init__(self, pool: LeanPool, key: Key, authority: str) -> None:
         self.pool, self.key, self.authority = pool, key, authority
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
-        self.idle_since = 0.0
+        self.counted = True  # holds one of the pool's slots until closed (LeanPool.forget)
+        self.idle_since = 0.0  # (0.0: never pooled yet)
         self._paused = False
         self._head: asyncio.Future[LeanResponse] | None = None
-        self._reason = ""
+        self._reason = b""
+        self._pending = 0  # head bytes since the last header line was reported
+        self._line_done = False
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: LeanBody | None = None
         self._complete = self._keep_alive = self._head_keep_alive = False
@@ -165,13 +181,36 @@ class LeanConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
-        if self._head is None and self._body is None:
-            self.close()  # bytes nobody asked for: this connection cannot be trusted again
+        if self._body is None:
+            self.head_received(data)
             return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as error:
-            self.fail(upstream_invalid(self.authority, error))
+            self.parser_failed(error)
+
+    def head_received(self, data: bytes) -> None:
+        """Head bytes: the callbacks check each line as httptools reports it; a line it is still
+        gathering is bounded here (PENDING_LIMIT)."""
+        if self._head is None:
+            self.close()  # bytes nobody asked for: this connection cannot be trusted again
+            return
+        self._line_done = False
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as error:
+            self.parser_failed(error)
+            return
+        if self._body is None and not self.closed:
+            self._pending = 0 if self._line_done else self._pending + len(data)
+            if self._pending > PENDING_LIMIT:
+                self.fail(upstream_invalid(self.authority, HeadTooLarge(
+                    f"a header line over {UPSTREAM_MAX_FIELD_SIZE} bytes")))
+
+    def parser_failed(self, error: httptools.HttpParserError) -> None:
+        cause = error.__context__  # what a callback raised (HeadTooLarge: the reason to give)
+        self.fail(upstream_invalid(self.authority,
+                                   cause if isinstance(cause, HeadTooLarge) else error))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -188,10 +227,20 @@ class LeanConnection(asyncio.Protocol):
     # -- httptools callbacks
 
     def on_status(self, reason: bytes) -> None:
-        self._reason = reason.decode("latin-1")
+        """The reason phrase, possibly in pieces (one per read)."""
+        self._line_done = True
+        self._reason += reason
+        if len(self._reason) + STATUS_PREFIX > UPSTREAM_MAX_FIELD_SIZE:
+            raise HeadTooLarge(f"status line over {UPSTREAM_MAX_FIELD_SIZE} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        self._line_done = True
+        if len(name) + len(value) > UPSTREAM_MAX_FIELD_SIZE:
+            raise HeadTooLarge(f"a header line over {UPSTREAM_MAX_FIELD_SIZE} bytes")
+        headers = self._headers
+        headers.append((name, value))
+        if len(headers) > UPSTREAM_MAX_HEADERS:
+            raise HeadTooLarge(f"more than {UPSTREAM_MAX_HEADERS} header fields")
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -204,7 +253,8 @@ class LeanConnection(asyncio.Protocol):
                                value.decode("utf-8", "surrogateescape"))
                               for name, value in self._headers)
         if not self._head.done():
-            self._head.set_result(LeanResponse(self, status, self._reason, headers, self._body))
+            self._head.set_result(LeanResponse(self, status, self._reason.decode("latin-1"),
+                                               headers, self._body))
 
     def on_body(self, body: bytes) -> None:
         assert self._body is not None
@@ -214,7 +264,7 @@ class LeanConnection(asyncio.Protocol):
         if self._body is None:  # an interim 1xx response
             if self._interim is not None:
                 self._interim(self.parser.get_status_code(), self._headers)
-            self._headers = []
+            self._headers, self._reason = [], b""
             return
         self._complete = True
         self._keep_alive = self.parser.should_keep_alive()  # (reset once this returns)
@@ -228,8 +278,10 @@ class LeanConnection(asyncio.Protocol):
 
     async def exchange(self, head: bytes, interim: Interim | None) -> LeanResponse:
         assert self.transport is not None
+        if self.closed:  # by the upstream since it was handed over: the keep-alive race
+            raise Disconnected("connection closed")
         self._headers, self._body, self._complete, self._interim = [], None, False, interim
-        self._keep_alive = False
+        self._keep_alive, self._reason, self._pending = False, b"", 0
         loop = self.loop
         head_future = self._head = loop.create_future()
         timer = loop.call_later(self.pool.read_timeout, self.time_out, head_future) \
@@ -290,21 +342,39 @@ class LeanConnection(asyncio.Protocol):
             self.transport.close()
 
 
+# Someone waiting for room under the pool limits: its upstream address and what it is handed,
+# a connection of that address going idle or (None) a slot reserved for a new connection.
+Waiter = tuple[Key, asyncio.Future[LeanConnection | None]]
+
+
 class LeanPool:
     """Idle keep-alive connections per upstream address, newest first; connections past the
-    keep-alive timeout or closed by the upstream are never handed out."""
+    keep-alive timeout or closed by the upstream are never handed out.
+
+    At most `pool_size` connections are open (in use, idle or connecting), at most
+    `pool_size_per_host` per address (0: no limit), as aiohttp's connector does. A request that
+    needs a new connection at the limit closes the oldest idle one of another address when that
+    makes room, and otherwise waits in line (FIFO) for a connection of its address to go idle or
+    for a slot to free, within the connect timeout. What frees goes straight to the first waiter
+    that can use it, so a newcomer never takes it first.
+    """
 
     def __init__(self, config: Config) -> None:
         self.read_size = config.read_size
         self.read_timeout = config.read_timeout
         self.connect_timeout = config.connect_timeout
         self.keepalive = config.upstream_keepalive
+        self.limit = config.pool_size
+        self.limit_per_host = config.pool_size_per_host
         self.max_idle = config.pool_size_per_host or config.pool_size or 1 << 16
         self.dns_ttl = config.dns_ttl
         self.socket_options = SocketOptions.from_config(config)
-        self.idle: dict[tuple[str, int], list[LeanConnection]] = {}
+        self.idle: dict[Key, list[LeanConnection]] = {}
         self.in_use: set[LeanConnection] = set()
-        self._addresses: dict[tuple[str, int], tuple[float, list[Any]]] = {}
+        self.open = 0  # connections holding a slot
+        self.open_per_host: dict[Key, int] = {}
+        self.waiters: collections.deque[Waiter] = collections.deque()
+        self._addresses: dict[Key, tuple[float, list[Any]]] = {}
 
     def sizes(self) -> tuple[int, int]:
         return sum(map(len, self.idle.values())), len(self.in_use)
@@ -316,10 +386,8 @@ class LeanPool:
         key = upstream.address
         head = request_head(outgoing, upstream)
         while True:
-            connection = self.take_idle(key)
-            reused = connection is not None
-            if connection is None:
-                connection = await self.connect(key, upstream.authority)
+            connection = self.take_idle(key) or await self.connect(key, upstream.authority)
+            reused = connection.idle_since > 0.0  # it has been in the pool
             self.in_use.add(connection)
             try:
                 return await connection.exchange(head, interim)
@@ -334,7 +402,7 @@ class LeanPool:
                 self.in_use.discard(connection)
                 raise
 
-    def take_idle(self, key: tuple[str, int]) -> LeanConnection | None:
+    def take_idle(self, key: Key) -> LeanConnection | None:
         idle = self.idle.get(key)
         now = time.monotonic()
         while idle:
@@ -346,18 +414,24 @@ class LeanPool:
 
     def put_back(self, connection: LeanConnection) -> None:
         self.in_use.discard(connection)
+        connection.idle_since = time.monotonic()
+        if self.waiters and self.hand_over(connection):
+            return
         idle = self.idle.setdefault(connection.key, [])
         if len(idle) >= self.max_idle:
             connection.close()
             return
-        connection.idle_since = time.monotonic()
         idle.append(connection)
 
     def forget(self, connection: LeanConnection) -> None:
+        """Out of the pool for good (closed): its slot goes to the first waiter that can use it."""
         self.in_use.discard(connection)
         idle = self.idle.get(connection.key)
         if idle and connection in idle:
             idle.remove(connection)
+        if connection.counted:
+            connection.counted = False
+            self.release_slot(connection.key)
 
     def sweep(self) -> None:
         """Close idle connections past the keep-alive timeout (called every second)."""
@@ -370,21 +444,128 @@ class LeanPool:
         for connection in [*self.in_use, *(c for idle in self.idle.values() for c in idle)]:
             connection.close()
 
-    async def connect(self, key: tuple[str, int], authority: str) -> LeanConnection:
-        loop = asyncio.get_running_loop()
+    # -- the limits
+
+    def has_room(self, key: Key) -> bool:
+        """A new connection to `key` stays within both limits."""
+        return (not self.limit or self.open < self.limit) and \
+            (not self.limit_per_host or self.open_per_host.get(key, 0) < self.limit_per_host)
+
+    def reserve_slot(self, key: Key) -> None:
+        self.open += 1
+        self.open_per_host[key] = self.open_per_host.get(key, 0) + 1
+
+    def release_slot(self, key: Key) -> None:
+        self.open -= 1
+        left = self.open_per_host[key] - 1
+        if left:
+            self.open_per_host[key] = left
+        else:
+            del self.open_per_host[key]
+        if self.waiters:
+            self.wake_one()
+
+    def try_reserve(self, key: Key) -> bool:
+        """A slot for a new connection to `key` when the limits allow, closing the oldest idle
+        connection (of another address: this one's idle ones were taken) to make room."""
+        if self.limit_per_host and self.open_per_host.get(key, 0) >= self.limit_per_host:
+            return False
+        while self.limit and self.open >= self.limit:
+            if not self.close_oldest_idle():
+                return False  # (a slot it freed may have gone to a waiter ahead: then again)
+        self.reserve_slot(key)
+        return True
+
+    def close_oldest_idle(self) -> bool:
+        lists = [idle for idle in self.idle.values() if idle]
+        if not lists:
+            return False
+        min(lists, key=lambda idle: idle[0].idle_since)[0].close()
+        return True
+
+    def wake_one(self) -> None:
+        """A slot is free: reserve it for the first waiter whose address it suits."""
+        for index, (key, future) in enumerate(self.waiters):
+            if not future.done() and self.has_room(key):
+                del self.waiters[index]
+                self.reserve_slot(key)
+                future.set_result(None)
+                return
+
+    def hand_over(self, connection: LeanConnection) -> bool:
+        """A connection going idle goes to the first waiter that can use it: one for its address
+        takes it as it is; one held back by the total limit only gets its slot (it is closed)."""
+        for index, (key, future) in enumerate(self.waiters):
+            if future.done():
+                continue
+            if key == connection.key:
+                del self.waiters[index]
+                self.in_use.add(connection)
+                future.set_result(connection)
+                return True
+            if not self.limit_per_host or self.open_per_host.get(key, 0) < self.limit_per_host:
+                connection.close()  # release_slot -> wake_one reserves the slot for this waiter
+                return True
+        return False
+
+    async def wait_for_room(self, key: Key) -> LeanConnection | None:
+        """In line until handed an idle connection of `key` or (None) a slot reserved for a new
+        one. Cancelled (the connect timeout, the client gone), it leaves the line, and gives
+        back what it was handed just then."""
+        future: asyncio.Future[LeanConnection | None] = asyncio.get_running_loop().create_future()
+        waiter: Waiter = (key, future)
+        self.waiters.append(waiter)
+        try:
+            return await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self.give_back(key, future.result())
+            else:
+                self.remove_waiter(waiter)
+            raise
+
+    def remove_waiter(self, waiter: Waiter) -> None:
+        try:
+            self.waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def give_back(self, key: Key, handed: LeanConnection | None) -> None:
+        if handed is None:
+            self.release_slot(key)
+        else:
+            self.put_back(handed)
+
+    # -- new connections
+
+    async def connect(self, key: Key, authority: str) -> LeanConnection:
+        """A new connection to `key`, or an idle one handed over while waiting for room under
+        the limits: waiting and connecting together take at most the connect timeout."""
         try:
             async with asyncio.timeout(self.connect_timeout or None):
-                infos = await self.resolve(key)
-                sock = await self.open_socket(infos)
-                _, connection = await loop.create_connection(
-                    lambda: LeanConnection(self, key, authority), sock=sock)
+                if not self.try_reserve(key):
+                    handed = await self.wait_for_room(key)
+                    if handed is not None:
+                        return handed
+                return await self.open_connection(key, authority)
         except TimeoutError:
             raise upstream_connect_timeout(authority) from None
         except OSError as error:
             raise upstream_unreachable(authority, error.strerror or str(error)) from None
+
+    async def open_connection(self, key: Key, authority: str) -> LeanConnection:
+        """Connect on the slot reserved for it; a failure frees the slot (close -> forget)."""
+        connection = LeanConnection(self, key, authority)
+        try:
+            infos = await self.resolve(key)
+            sock = await self.open_socket(infos)
+            await asyncio.get_running_loop().create_connection(lambda: connection, sock=sock)
+        except BaseException:
+            connection.close()
+            raise
         return connection
 
-    async def resolve(self, key: tuple[str, int]) -> list[Any]:
+    async def resolve(self, key: Key) -> list[Any]:
         cached = self._addresses.get(key)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]

@@ -18,6 +18,7 @@ from typing import Any
 
 from fileproxy.accesslog import Exchange
 from fileproxy.breaker import STATES
+from fileproxy.compat import connector_sizes, histogram_add
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by gunicorn.conf.py before workers start
 OWN_DIR_ENV = "FILEPROXY_OWNS_METRICS_DIR"  # the directory is ours to remove at exit
@@ -88,14 +89,10 @@ class HistogramTally:
         self.total += value
 
     def flush(self, histogram: Any) -> None:
-        """prometheus_client has no bulk observe: add to its bucket and sum values directly
-        (Histogram._buckets/_sum; prometheus-client is pinned below 1)."""
+        """prometheus_client has no bulk observe: add to its buckets and sum (compat)."""
         if not any(self.counts):
             return
-        histogram._sum.inc(self.total)
-        for bucket, count in zip(histogram._buckets, self.counts, strict=True):
-            if count:
-                bucket.inc(count)
+        histogram_add(histogram, self.total, self.counts)
         self.counts = [0] * len(self.bounds)
         self.total = 0.0
 
@@ -271,11 +268,8 @@ class Metrics:
 
 
 def pool_sizes(connector: Any) -> tuple[int, int]:
-    """(idle, in use) connections of an aiohttp connector. aiohttp has no public API for this;
-    these attributes are read defensively (aiohttp is pinned below 3.15)."""
-    idle = sum(len(conns) for conns in getattr(connector, "_conns", {}).values())
-    in_use = len(getattr(connector, "_acquired", ()))
-    return idle, in_use
+    """(idle, in use) connections of an aiohttp connector (no public API for it: compat)."""
+    return connector_sizes(connector)
 
 
 # ---------------------------------------------------------------- /stats from the samples

@@ -4,32 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import aiohttp
 from aiohttp import HttpVersion, web
 
 from fileproxy.accesslog import EXCHANGE, Exchange
+from fileproxy.core.checks import RequestHead, check_request
+from fileproxy.core.routing import Route, route
 from fileproxy.errors import ProxyError
 from fileproxy.headers import (
     ClientRequest,
     Outgoing,
-    check_request,
     interim_head,
     outgoing_request,
     peer_address,
 )
-from fileproxy.keys import ADMISSION, CONFIG, LEAN, METRICS, RETRY, SESSION, TASKS, UPSTREAMS
+from fileproxy.keys import ADMISSION, CONFIG, LEAN, LEGACY, METRICS, RETRY, SESSION, TASKS, UPSTREAMS
 from fileproxy.lean import Interim
 from fileproxy.segments import SegmentedFetch, plan_for
 from fileproxy.state import StateUnavailable
-from fileproxy.streaming import AiohttpSide, Streamed, relay, within
+from fileproxy.streaming import AiohttpSide, ClientSide, RelayingRequest, relay, within
 from fileproxy.tasks import task_unavailable
-from fileproxy.upstream import ForwardedBody, UpstreamResponse, body_payload, close_if_spliced, send
+from fileproxy.upstream import ForwardedBody, UpstreamResponse, body_payload, send
 from fileproxy.upstreams import Upstream
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -44,64 +46,77 @@ class Relayed(Protocol):
     fault: str | None
 
 
+class ServedRequest(ClientRequest, RequestHead, RelayingRequest, Protocol):
+    """What the request path reads of a request a server adapter parsed."""
+
+
 R = TypeVar("R", bound=Relayed)
+# fileproxy's own answers that are not the upstream's: legacy endpoints, async task submission.
+Elsewhere = Callable[[Route, Outgoing], Awaitable[Any]]
 Respond = Callable[[UpstreamResponse, float | None, "SegmentedFetch | None"], Awaitable[R]]
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
+    """aiohttp's server adapter: the request path for a request aiohttp parsed."""
     app = request.app
     config = app[CONFIG]
     exchange = request[EXCHANGE] = Exchange(request_id_for(request), time.monotonic())
+
+    async def elsewhere(where: Route, outgoing: Outgoing) -> web.StreamResponse:
+        if where is Route.LEGACY:
+            return await app[LEGACY][request.path](request)
+        if where is Route.TASK:
+            return await submit_task(request, outgoing, exchange)
+        raise ProxyError(404, f"Not Found: no fileproxy endpoint {request.path}")
+
+    response = await serve_request(app, request, AiohttpSide(request), exchange,
+                                   lambda outgoing: body_payload(request, outgoing, config),
+                                   elsewhere)
+    return cast(web.StreamResponse, response)  # AiohttpSide's responses are aiohttp's
+
+
+async def serve_request(app: web.Application, request: ServedRequest, side: ClientSide,
+                        exchange: Exchange,
+                        body_for: Callable[[Outgoing], ForwardedBody | None],
+                        elsewhere: Elsewhere | None = None) -> Relayed:
+    """The request path, whichever server adapter parsed the request: 1 checks (a 4xx here never
+    reaches an upstream), 2 route, 3 admission, 4-5 forward and relay, 6 metrics. fileproxy's own
+    answers (errors, legacy endpoints, tasks) go back through the same side."""
+    config = app[CONFIG]
     metrics = app[METRICS]
     metrics.started_one()
     try:
-        # 1. validate and build the upstream request (4xx here never reaches an upstream)
         target = check_request(request, config)
         outgoing = outgoing_request(request, config, target, exchange.request_id)
-        # (async task mode: store it, answer 202, run it later on any worker)
-        if app[TASKS].wants_async(request):
-            return await submit_task(request, outgoing, exchange)
-        # 2. admission: a slot, a short bounded wait for one, or 503 at once
+        where = route(request.method, request.path, request.headers.get("Prefer"), config)
+        if where is not Route.FORWARD:
+            if elsewhere is None:
+                raise AssertionError(f"{where} reached a server adapter that cannot answer it")
+            answer = await elsewhere(where, outgoing)
+            exchange.status = answer.status
+            return answer
+        # admission: a slot, a short bounded wait for one, or 503 at once
         async with app[ADMISSION].slot(peer_address(request) or "-"):
-            return await forward(request, outgoing, exchange)  # --total-timeout inside
+            return await forward_with(
+                app, outgoing, body_for(outgoing), exchange,
+                interim_relay(request.version, request.transport),
+                lambda upstream, deadline, segments: relay(request, upstream, config, deadline,
+                                                           side, segments))
     except ProxyError as error:
         exchange.fail(error)
-        response = error.response(exchange.request_id)
-        close_if_spliced(request, response)
-        return response
+        return side.error(error, exchange.request_id)
     finally:
-        # 6. metrics (the access log line is written by aiohttp once the response is sent)
         metrics.finished(exchange, time.monotonic() - exchange.started)
 
 
 async def submit_task(request: web.Request, outgoing: Outgoing,
                       exchange: Exchange) -> web.StreamResponse:
     try:
-        response = await request.app[TASKS].submit(request, outgoing,
-                                                    peer_address(request) or "-")
+        return await request.app[TASKS].submit(request, outgoing, peer_address(request) or "-")
     except StateUnavailable as error:
         exchange.outcome, exchange.detail = "rejected", str(error)
         return task_unavailable(error)
-    exchange.status = response.status
-    return response
-
-
-async def forward(request: web.Request, outgoing: Outgoing,
-                  exchange: Exchange) -> web.StreamResponse:
-    """3-5 for a request aiohttp parsed: the body streams up, the response goes back through
-    aiohttp's response machinery (streaming.relay)."""
-    config = request.app[CONFIG]
-    body = body_payload(request, outgoing, config)
-
-    async def respond(upstream_response: UpstreamResponse, deadline: float | None,
-                      segments: SegmentedFetch | None) -> Streamed:
-        return await relay(request, upstream_response, config, deadline, AiohttpSide(request),
-                           segments)
-
-    response = await forward_with(request.app, outgoing, body, exchange,
-                                  interim_relay(request.version, request.transport), respond)
-    return cast(web.StreamResponse, response)  # AiohttpSide's responses are aiohttp's
 
 
 async def forward_with(app: web.Application, outgoing: Outgoing, body: ForwardedBody | None,
@@ -216,17 +231,32 @@ def body_state(body: ForwardedBody | None) -> dict[str, bool]:
             "replayable": body is None or body.replayable}
 
 
-_ID_PREFIX = secrets.token_hex(4)
-_id_counter = itertools.count(1)
+class RequestIds:
+    """Request ids: this process's random prefix and a counter (unique without a syscall per
+    request). The prefix is drawn again in every forked child: gunicorn's workers are forked
+    from a master that imported this module, and must not hand out the same ids."""
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self.prefix = secrets.token_hex(4)
+        self.counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):08x}"
+
+
+REQUEST_IDS = RequestIds()
 
 
 def request_id_for(request: ClientRequest) -> str:
-    """The client's X-Request-Id when it is a sane token, else this worker's random prefix and a
-    counter (unique without a syscall per request)."""
+    """The client's X-Request-Id when it is a sane token, else a fresh one."""
     incoming = request.headers.get("X-Request-Id", "")
     if incoming and _SANE_REQUEST_ID.fullmatch(incoming):
         return incoming
-    return f"{_ID_PREFIX}{next(_id_counter):08x}"
+    return REQUEST_IDS.next()
 
 
 async def defer_expect(request: web.Request) -> None:

@@ -7,21 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-
-class NoDefaultHeaders:
-    """Mixin: drop the Server (and Content-Type) aiohttp adds unless they were set on purpose."""
-
-    _own_header_names: frozenset[str] = frozenset()
-
-    async def _prepare_headers(self) -> None:
-        keep = self._own_header_names
-        await super()._prepare_headers()  # type: ignore[misc]
-        for name in ("server", "content-type"):
-            if name not in keep:
-                self.headers.popall(name, None)  # type: ignore[attr-defined]
-
-    def keep_headers_set_so_far(self) -> None:
-        self._own_header_names = frozenset(name.lower() for name in self.headers)  # type: ignore[attr-defined]
+from fileproxy.compat import NoDefaultHeaders
 
 
 class QuietResponse(NoDefaultHeaders, web.Response):

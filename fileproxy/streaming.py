@@ -7,16 +7,18 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.http_writer import StreamWriter
 
+from fileproxy.compat import NoDefaultHeaders, answer_as_http11, send_headers_with_first_chunk
 from fileproxy.config import Config
+from fileproxy.core.checks import SUPPORTED_VERSIONS
+from fileproxy.errors import ProxyError
 from fileproxy.headers import response_headers, response_length
 from fileproxy.lean import LeanResponse
-from fileproxy.responses import NoDefaultHeaders
 from fileproxy.segments import SegmentedFetch, SegmentFailed
 from fileproxy.splice import (
     SinkGone,
@@ -59,6 +61,9 @@ class ClientSide(Protocol):
 
     async def start(self, upstream: UpstreamResponse) -> Streamed: ...
 
+    def error(self, error: ProxyError, request_id: str) -> Any:
+        """An answer of fileproxy's own (an error), as this server path sends it."""
+
 
 class RelayingRequest(Protocol):
     """What relaying reads of the client's request (aiohttp's web.Request or the fast path's)."""
@@ -82,7 +87,7 @@ class RelayedResponse(NoDefaultHeaders, web.StreamResponse):
         self.keep_headers_set_so_far()
         # Body bytes already here: the headers leave with the first of them in one write.
         # Otherwise they leave at once, so a slow body never delays the client's first byte.
-        self._send_headers_immediately = upstream.content.total_bytes == 0
+        send_headers_with_first_chunk(self, wait=upstream.content.total_bytes != 0)
         self.body_bytes = 0
         self.aborted: str | None = None
         self.fault: str | None = None
@@ -126,6 +131,13 @@ class AiohttpSide:
         await response.prepare(self.request)
         assert isinstance(self.request.writer, StreamWriter)
         response.writer = self.request.writer
+        return response
+
+    def error(self, error: ProxyError, request_id: str) -> web.Response:
+        if self.request.version not in SUPPORTED_VERSIONS:
+            answer_as_http11(self.request)
+        response = error.response(request_id)
+        close_if_spliced(self.request, response)
         return response
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import json
 import logging
 import os
@@ -149,10 +148,6 @@ class TaskManager:
         return self.spool / f"{task_id}.{kind}"
 
     # -- submitting
-
-    def wants_async(self, request: web.Request) -> bool:
-        return async_wanted(request.method, request.path, request.headers.get("Prefer"),
-                            self.config.async_route)
 
     async def submit(self, request: web.Request, outgoing: Outgoing, client: str
                      ) -> web.StreamResponse:
@@ -484,13 +479,3 @@ def add_task_routes(app: web.Application, prefix: str, guarded: Any) -> None:
     routes.add_delete(f"{prefix}/tasks/{{task_id}}", store_errors_as_503(task_delete))
     routes.add_get(f"{prefix}/tasks", guarded(store_errors_as_503(task_list)))
     routes.add_delete(f"{prefix}/tasks", guarded(store_errors_as_503(task_cleanup)))
-
-
-def async_wanted(method: str, path: str, prefer: str | None, routes: tuple[str, ...]) -> bool:
-    """Run as an async task: the client asked (Prefer: respond-async) or an --async-route
-    pattern ("METHOD /path*") matches."""
-    if prefer and "respond-async" in [token.strip().split("=")[0]
-                                      for token in prefer.lower().split(",")]:
-        return True
-    line = f"{method} {path}"
-    return any(fnmatch.fnmatchcase(line, pattern) for pattern in routes)

@@ -11,6 +11,7 @@ from aiohttp.http_writer import StreamWriter
 from aiohttp.payload import Payload
 
 from fileproxy.clientbody import client_body
+from fileproxy.compat import TransparentClientRequest, mark_consumed
 from fileproxy.config import Config
 from fileproxy.errors import (
     upstream_closed_early,
@@ -20,15 +21,19 @@ from fileproxy.errors import (
     upstream_unreachable,
 )
 from fileproxy.headers import Outgoing
-from fileproxy.lean import Interim, LeanPool, LeanResponse, can_use
+from fileproxy.lean import (
+    UPSTREAM_MAX_FIELD_SIZE,
+    UPSTREAM_MAX_HEADERS,
+    Interim,
+    LeanPool,
+    LeanResponse,
+    can_use,
+)
 from fileproxy.retry import IDEMPOTENT
 from fileproxy.sockets import SocketOptions
 from fileproxy.splice import Timeouts, can_splice, splice_request_body
 from fileproxy.upstreams import Upstream
 
-# Upstream responses may be header-heavy (the core issue asks for ~130 fields and long cookies).
-UPSTREAM_MAX_HEADERS = 1024
-UPSTREAM_MAX_FIELD_SIZE = 64 * 1024
 # What aiohttp would add on its own; a transparent proxy sends only what the client sent.
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
@@ -54,6 +59,7 @@ def make_session(config: Config) -> ClientSession:
         max_headers=UPSTREAM_MAX_HEADERS,
         max_field_size=UPSTREAM_MAX_FIELD_SIZE,
         max_line_size=UPSTREAM_MAX_FIELD_SIZE,
+        request_class=TransparentClientRequest,
     )
 
 
@@ -95,7 +101,8 @@ class ClientBody(ForwardedBody):
 
     async def write_with_length(self, writer: AbstractStreamWriter,
                                 content_length: int | None) -> None:
-        self._consumed = self.sent = True  # the client's bytes go once only: no replay
+        self.sent = True
+        mark_consumed(self)  # the client's bytes go once only: no replay
         request = self._request
         await send_100_continue(request)
         length = request.content_length

@@ -94,11 +94,19 @@ async def make_proxy() -> AsyncIterator[ProxyFactory]:
         await served.runner.cleanup()
 
 
-@pytest.fixture(params=[True, False], ids=["fast-path", "aiohttp-server"])
+# Every server path x upstream client: (fast_path, lean_client).
+MATRIX = [(True, True), (True, False), (False, True), (False, False)]
+MATRIX_IDS = ["fast-path+lean", "fast-path+aiohttp-client", "aiohttp-server+lean",
+              "aiohttp-server+aiohttp-client"]
+
+
+@pytest.fixture(params=MATRIX, ids=MATRIX_IDS)
 async def proxy(origin: Served, make_proxy: ProxyFactory, request: pytest.FixtureRequest) -> Served:
-    """The in-process proxy, once with the fast path serving plain GETs and once with aiohttp's
-    server taking every request (--no-fast-path): both must behave the same."""
-    return await make_proxy(origin.url, fast_path=request.param)
+    """The in-process proxy on every server path (the fast path serving plain GETs, or aiohttp's
+    server taking every request) and upstream client (the lean one for GETs, or aiohttp's for
+    all): every combination must behave the same."""
+    fast_path, lean_client = request.param
+    return await make_proxy(origin.url, fast_path=fast_path, lean_client=lean_client)
 
 
 @pytest.fixture

@@ -83,7 +83,7 @@ async def test_a_malformed_request_after_a_get_gets_400_and_the_get_its_answer(o
                                          b"GET /x HTTP/1.1\r\nBad Header\r\n\r\n")
     first, _, rest = raw.partition(b"\r\n\r\n")
     assert first.startswith(b"HTTP/1.1 200 OK")
-    assert rest[2:].startswith(b"HTTP/1.0 400 Bad Request\r\n"), rest
+    assert rest[2:].startswith(b"HTTP/1.1 400 Bad Request\r\n"), rest
 
 
 async def test_an_idle_connection_closes_after_the_keepalive_time(origin, make_proxy):

@@ -1,0 +1,194 @@
+"""Every use of aiohttp's and prometheus-client's private names, in one place, with the versions they were
+tested on: start-up stops with one line on any other version."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from importlib.metadata import version
+from typing import Any
+
+import aiohttp
+from aiohttp import HttpVersion11, web
+from aiohttp.http_parser import HttpRequestParserPy
+from aiohttp.payload import Payload
+from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler, RequestPayloadError
+
+# The releases whose internals below were read and tested. A new one is added after the test
+# suite passed on it (setup.cfg admits exactly these).
+TESTED_AIOHTTP = ("3.14.4", "3.14.5")
+TESTED_PROMETHEUS_CLIENT = ("0.20", "0.21", "0.22", "0.23", "0.24", "0.25", "0.26")
+
+log = logging.getLogger("fileproxy.server")
+
+
+class UntestedVersion(RuntimeError):
+    """A library version whose internals fileproxy was not tested against."""
+
+
+def check_versions() -> None:
+    """Raise UntestedVersion naming the library when an untested release is installed."""
+    if aiohttp.__version__ not in TESTED_AIOHTTP:
+        raise UntestedVersion(f"aiohttp {aiohttp.__version__} is installed; fileproxy uses some of "
+                              f"its internals and was tested with {', '.join(TESTED_AIOHTTP)} "
+                              "(pip install -e . installs one)")
+    prometheus = version("prometheus-client")
+    if ".".join(prometheus.split(".")[:2]) not in TESTED_PROMETHEUS_CLIENT:
+        raise UntestedVersion(f"prometheus-client {prometheus} is installed; fileproxy uses some of "
+                              f"its internals and was tested with {TESTED_PROMETHEUS_CLIENT[0]} "
+                              f"to {TESTED_PROMETHEUS_CLIENT[-1]}")
+
+
+# ---------------------------------------------------------------- aiohttp's server side
+
+class NoDefaultHeaders:
+    """Mixin for aiohttp responses: drop the Server (and Content-Type) aiohttp adds unless they
+    were set on purpose (StreamResponse._prepare_headers)."""
+
+    _own_header_names: frozenset[str] = frozenset()
+
+    async def _prepare_headers(self) -> None:
+        keep = self._own_header_names
+        await super()._prepare_headers()  # type: ignore[misc]
+        for name in ("server", "content-type"):
+            if name not in keep:
+                self.headers.popall(name, None)  # type: ignore[attr-defined]
+
+    def keep_headers_set_so_far(self) -> None:
+        self._own_header_names = frozenset(name.lower() for name in self.headers)  # type: ignore[attr-defined]
+
+
+def send_headers_with_first_chunk(response: web.StreamResponse, wait: bool) -> None:
+    """Hold the status line and headers back until the first body bytes (one write), or send
+    them at once (StreamResponse._send_headers_immediately)."""
+    response._send_headers_immediately = not wait
+
+
+def answer_as_http11(request: web.BaseRequest) -> None:
+    """An answer to a request of an unsupported version (HTTP/2.0 over HTTP/1 framing, 0.9)
+    goes out with an HTTP/1.1 status line, not the request's (BaseRequest.version is reified)."""
+    request._cache["version"] = HttpVersion11
+
+
+ErrorAnswer = Callable[[web.BaseRequest, int, str], web.StreamResponse]
+
+
+class QuietRequestHandler(RequestHandler):
+    """aiohttp's connection handler whose own errors (a request its parser refuses, a handler that
+    failed) are answered by `answer` (fileproxy's text, no Server header): a refusal is one log
+    line, only a 500 carries a traceback (RequestHandler.handle_error)."""
+
+    answer: ErrorAnswer
+    header_timeout: float = 0.0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop,
+                 **settings: Any) -> None:
+        """aiohttp's handler with its pure-Python request parser, which reads request lines as
+        RFC 9112 3 writes them (its C parser takes `GET  /x` with two spaces); the fast path
+        serves plain GETs, so what this parses is the rest: bodies, admin, first lines of
+        unusual requests."""
+        super().__init__(manager, loop=loop, **settings)
+        self._parser = HttpRequestParserPy(
+            self, loop, settings.get("read_bufsize", 2**16),
+            max_line_size=settings.get("max_line_size", 8190),
+            max_field_size=settings.get("max_field_size", 8190),
+            max_headers=settings.get("max_headers", 128),
+            payload_exception=RequestPayloadError,
+            auto_decompress=settings.get("auto_decompress", True),
+            max_msg_queue_size=MAX_MSG_QUEUE_SIZE)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The first request's head must be complete within the header timeout (later ones
+        are bounded by aiohttp's keep-alive timer, which closes a connection whose head is
+        still incomplete)."""
+        super().connection_made(transport)
+        if self.header_timeout:
+            self._head_timer = self._loop.call_later(self.header_timeout, self.head_overdue)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def head_overdue(self) -> None:
+        self._head_timer = None
+        if self._request_count == 0:
+            log.info("closing a connection from %s: no complete request head within %g s",
+                     self.transport.get_extra_info("peername") if self.transport else "-",
+                     self.header_timeout)
+            self.force_close()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None, message: str | None = None
+                     ) -> web.StreamResponse:
+        if status >= 500:
+            log.error("error handling a request from %s", request.remote, exc_info=exc)
+        else:
+            log.info("refused a request from %s: %s %s", request.remote, status,
+                     message or exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response had begun: no error answer can follow")
+        answer_as_http11(request)  # (a head the parser refused has no version of its own)
+        response = self.answer(request, status, reason_of(exc, message))
+        response.force_close()
+        return response
+
+
+def reason_of(exc: BaseException | None, message: str | None) -> str:
+    """A one-line reason from aiohttp's parser error (its message has the offending bytes)."""
+    text = getattr(exc, "message", None) or message or (str(exc) if exc else "")
+    return " ".join(str(text).split())[:200]
+
+
+def request_handler(server: web.Server, answer: ErrorAnswer,
+                    header_timeout: float) -> RequestHandler:
+    """A connection handler for aiohttp's Server (Server.__call__, with its settings)."""
+    handler = QuietRequestHandler(server, loop=server._loop, **server._kwargs)
+    handler.answer, handler.header_timeout = answer, header_timeout
+    return handler
+
+
+class ServerWrappingRunner(web.AppRunner):
+    """An AppRunner whose protocol factory is `wrap(the Server aiohttp made)` (AppRunner._make_server)."""
+
+    def wrap(self, inner: web.Server) -> Any:
+        raise NotImplementedError
+
+    async def _make_server(self) -> web.Server:
+        return self.wrap(await super()._make_server())  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------- aiohttp's client side
+
+def mark_consumed(payload: Payload) -> None:
+    """A payload whose bytes went once and cannot be sent again (Payload._consumed)."""
+    payload._consumed = True
+
+
+def connector_sizes(connector: Any) -> tuple[int, int]:
+    """(idle, in use) connections of an aiohttp TCPConnector (_conns, _acquired)."""
+    idle = sum(len(conns) for conns in connector._conns.values())
+    return idle, len(connector._acquired)
+
+
+class TransparentClientRequest(aiohttp.ClientRequest):
+    """aiohttp's client request that adds no `Content-Length: 0` to a request without a body
+    (it does for DELETE, POST, custom methods): a proxy never invents framing."""
+
+    def update_body_from_data(self, body: Any, _stacklevel: int = 3) -> None:
+        had_length = "Content-Length" in self.headers
+        super().update_body_from_data(body, _stacklevel=_stacklevel + 1)
+        if body is None and not had_length:
+            self.headers.popall("Content-Length", None)
+
+
+# ---------------------------------------------------------------- prometheus-client
+
+def histogram_add(histogram: Any, total: float, counts: Iterable[int]) -> None:
+    """Observations added in bulk: bucket counts and their sum (Histogram._buckets/_sum)."""
+    histogram._sum.inc(total)
+    for bucket, count in zip(histogram._buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)

@@ -1,0 +1,1 @@
+"""The one request path: what a request means, decided once for every server path and upstream client."""
