@@ -2,9 +2,9 @@
 
 import os
 
-from fileproxy import metrics
 from fileproxy.config import active_config
-from fileproxy.sockets import SocketOptions
+from fileproxy.observability import metrics
+from fileproxy.upstream.sockets import SocketOptions
 
 _config = active_config()  # --flags via `./run.sh`, or FILEPROXY_* env / FILEPROXY_CONFIG file
 

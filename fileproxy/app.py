@@ -3,29 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from fileproxy.accesslog import AccessLogger
-from fileproxy.admin import add_admin_routes
-from fileproxy.admission import Admission
 from fileproxy.compat import ServerWrappingRunner
 from fileproxy.config import Config, active_config
-from fileproxy.fastpath import FastServer
-from fileproxy.headers import parser_limit
-from fileproxy.health import HealthChecker
-from fileproxy.keys import ADMISSION, CONFIG, LEAN, METRICS, RETRY, SESSION, STORE, TASKS, UPLOADS, UPSTREAMS
-from fileproxy.lean import LeanPool
-from fileproxy.metrics import Metrics
-from fileproxy.proxy import defer_expect, proxy_handler, route_every_target
-from fileproxy.retry import RetryPolicy
-from fileproxy.state import open_store
-from fileproxy.tasks import TaskManager
-from fileproxy.uploads import Uploads
-from fileproxy.upstream import make_session
-from fileproxy.upstreams import Upstreams
+from fileproxy.core.forward import sent_later
+from fileproxy.core.keys import ADMISSION, CONFIG, LEAN, METRICS, RETRY, SESSION, UPSTREAMS
+from fileproxy.features.tasks import TASKS, TaskManager
+from fileproxy.features.uploads import UPLOADS, Uploads
+from fileproxy.http.headers import parser_limit
+from fileproxy.observability.accesslog import AccessLogger
+from fileproxy.observability.metrics import Metrics
+from fileproxy.policy.admission import Admission
+from fileproxy.policy.balancing import Upstreams
+from fileproxy.policy.health import HealthChecker
+from fileproxy.policy.retry import RetryPolicy
+from fileproxy.server.admin import add_admin_routes
+from fileproxy.server.aiohttp_server import defer_expect, proxy_handler, route_every_target
+from fileproxy.server.fastpath import FastServer
+from fileproxy.state import STORE, open_store
+from fileproxy.upstream.aiohttp_client import make_session
+from fileproxy.upstream.lean import LeanPool
 
 
 async def upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -46,8 +48,9 @@ async def state_and_tasks(app: web.Application) -> AsyncIterator[None]:
     """The state store (Redis or memory) and this worker's share of running async tasks."""
     config = app[CONFIG]
     store = app[STORE] = open_store(config.redis_url, config.state_prefix)
-    manager = app[TASKS] = TaskManager(app, config, store)
-    uploads = app[UPLOADS] = Uploads(config, store, app[METRICS])
+    manager = app[TASKS] = TaskManager(config, store, functools.partial(sent_later, app),
+                                       app[METRICS])
+    uploads = app[UPLOADS] = Uploads(config, store, manager, app[METRICS])
     runners = [asyncio.create_task(manager.run_forever()),
                asyncio.create_task(uploads.sweep_forever())]
     yield

@@ -19,6 +19,7 @@ from fileproxy.config import (
     load_config,
     parse_bool,
 )
+from fileproxy.server.run import run_dev, run_gunicorn
 
 COMMANDS = ("serve", "dev")
 
@@ -92,8 +93,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UntestedVersion as error:
         print(f"fileproxy: error: {error}", file=sys.stderr)
         return 2
-    from fileproxy import server
-
     if command == "dev":
-        return server.run_dev(config)
-    return server.run_gunicorn(config)
+        return run_dev(config)
+    return run_gunicorn(config)

@@ -20,7 +20,7 @@ from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler, RequestPayl
 TESTED_AIOHTTP = ("3.14.4", "3.14.5")
 TESTED_PROMETHEUS_CLIENT = ("0.20", "0.21", "0.22", "0.23", "0.24", "0.25", "0.26")
 
-log = logging.getLogger("fileproxy.server")
+log = logging.getLogger("fileproxy.server.run")
 
 
 class UntestedVersion(RuntimeError):

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from fileproxy.config import Config
-from fileproxy.lean import UPSTREAM_MAX_FIELD_SIZE, LeanPool
+from fileproxy.upstream.lean import UPSTREAM_MAX_FIELD_SIZE, LeanPool
 from tests.conftest import free_port, raw_exchange
 from tests.origin import pattern_sha256
 from tests.rawserver import RawRequest, RawServer

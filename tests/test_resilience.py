@@ -7,7 +7,7 @@ import time
 
 import aiohttp
 
-from fileproxy.retry import RetryBudget
+from fileproxy.policy.retry import RetryBudget
 from tests.conftest import free_port
 from tests.rawserver import RawServer
 
@@ -237,7 +237,7 @@ async def test_reset_before_headers_is_retried_on_another_upstream(origin, make_
 
 
 def test_breaker_opens_on_a_failure_ratio_too():
-    from fileproxy.breaker import CLOSED, OPEN, BreakerSettings, CircuitBreaker
+    from fileproxy.policy.breaker import CLOSED, OPEN, BreakerSettings, CircuitBreaker
 
     breaker = CircuitBreaker("u", BreakerSettings(threshold=0, failure_ratio=0.5, window=4))
     for failed in (False, True, False):

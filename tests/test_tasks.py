@@ -8,7 +8,7 @@ import secrets
 
 import pytest
 
-from fileproxy.keys import TASKS
+from fileproxy.features.tasks import TASKS
 from tests.origin import pattern_sha256
 
 ASYNC = {"Prefer": "respond-async"}

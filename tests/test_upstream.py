@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 
 from fileproxy.config import Config
-from fileproxy.server import listen_socket
-from fileproxy.sockets import SocketOptions, read_options
+from fileproxy.server.run import listen_socket
+from fileproxy.upstream.sockets import SocketOptions, read_options
 from tests.conftest import free_port
 from tests.rawserver import RawServer
 

@@ -10,7 +10,8 @@ from typing import Protocol
 from yarl import URL
 
 from fileproxy.config import Config
-from fileproxy.errors import ProxyError
+from fileproxy.http.errors import ProxyError
+from fileproxy.http.targets import check_dot_segments
 
 # RFC 9110 5.6.2: a token (method, field name).
 TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -146,32 +147,5 @@ def request_target(raw: str, host: str | None) -> str:
         target = url.raw_path_qs or "/"
     else:
         raise ProxyError(400, f"Bad Request: unsupported request target form {raw[:64]!r}")
-    check_dot_segments(target)
-    return target
-
-
-def check_dot_segments(target: str) -> None:
-    """Refuse a path whose `..` segments (percent-encoded too) climb above the root, as nginx
-    does: an upstream that resolves them could serve what lies outside its tree."""
-    path = target.partition("?")[0]
-    if "." not in path and "%2" not in path:
-        return
-    depth = 0
-    for segment in path.split("/")[1:]:
-        plain = segment.replace("%2e", ".").replace("%2E", ".")
-        if plain == "..":
-            if depth == 0:
-                raise ProxyError(400, "Bad Request: the target's dot-segments climb above the "
-                                      "root")
-            depth -= 1
-        elif plain != ".":
-            depth += 1
-
-
-def origin_form_path(target: str) -> str:
-    """A target accepted for later delivery (an upload's `target`): origin-form only."""
-    if not target.startswith("/"):
-        raise ProxyError(400, "Bad Request: the target must be an origin-form path such as "
-                              "/files/name")
     check_dot_segments(target)
     return target

@@ -1,9 +1,13 @@
 """Shared state: a small protocol (values with TTL, counters, locks, an index, a work queue) with an
 in-memory backend (one process) and a Redis backend (several workers and instances)."""
 
+from aiohttp import web
+
 from fileproxy.state.base import Locked, LockHandle, StateStore, StateUnavailable
 
-__all__ = ["LockHandle", "Locked", "StateStore", "StateUnavailable", "open_store"]
+__all__ = ["STORE", "LockHandle", "Locked", "StateStore", "StateUnavailable", "open_store"]
+
+STORE = web.AppKey("store", StateStore)
 
 
 def open_store(redis_url: str, prefix: str) -> StateStore:

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fileproxy.accesslog import Exchange
-from fileproxy.breaker import STATES
 from fileproxy.compat import connector_sizes, histogram_add
+from fileproxy.observability.accesslog import Exchange
+from fileproxy.policy.breaker import STATES
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by gunicorn.conf.py before workers start
 OWN_DIR_ENV = "FILEPROXY_OWNS_METRICS_DIR"  # the directory is ours to remove at exit

@@ -8,9 +8,9 @@ import logging
 import aiohttp
 
 from fileproxy.config import Config
-from fileproxy.upstreams import Upstream, Upstreams
+from fileproxy.policy.balancing import Upstream, Upstreams
 
-log = logging.getLogger("fileproxy.health")
+log = logging.getLogger("fileproxy.policy.health")
 
 
 class HealthChecker:

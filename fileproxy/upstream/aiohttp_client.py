@@ -10,18 +10,20 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 from aiohttp.payload import Payload
 
-from fileproxy.clientbody import client_body
 from fileproxy.compat import TransparentClientRequest, mark_consumed
 from fileproxy.config import Config
-from fileproxy.errors import (
+from fileproxy.http.clientbody import client_body
+from fileproxy.http.errors import (
     upstream_closed_early,
     upstream_connect_timeout,
     upstream_header_timeout,
     upstream_invalid,
     upstream_unreachable,
 )
-from fileproxy.headers import Outgoing
-from fileproxy.lean import (
+from fileproxy.http.headers import Outgoing
+from fileproxy.policy.balancing import Upstream
+from fileproxy.policy.retry import IDEMPOTENT
+from fileproxy.upstream.lean import (
     UPSTREAM_MAX_FIELD_SIZE,
     UPSTREAM_MAX_HEADERS,
     Interim,
@@ -29,10 +31,8 @@ from fileproxy.lean import (
     LeanResponse,
     can_use,
 )
-from fileproxy.retry import IDEMPOTENT
-from fileproxy.sockets import SocketOptions
-from fileproxy.splice import Timeouts, can_splice, splice_request_body
-from fileproxy.upstreams import Upstream
+from fileproxy.upstream.sockets import SocketOptions
+from fileproxy.upstream.splice import Timeouts, can_splice, splice_request_body
 
 # What aiohttp would add on its own; a transparent proxy sends only what the client sent.
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")

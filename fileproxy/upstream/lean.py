@@ -22,7 +22,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from fileproxy.config import Config
-from fileproxy.errors import (
+from fileproxy.http.errors import (
     ProxyError,
     upstream_closed_early,
     upstream_connect_timeout,
@@ -30,9 +30,9 @@ from fileproxy.errors import (
     upstream_invalid,
     upstream_unreachable,
 )
-from fileproxy.headers import Outgoing
-from fileproxy.sockets import SocketOptions
-from fileproxy.upstreams import Upstream
+from fileproxy.http.headers import Outgoing
+from fileproxy.policy.balancing import Upstream
+from fileproxy.upstream.sockets import SocketOptions
 
 LEAN_METHODS = frozenset({"GET"})
 Interim = Callable[[int, list[tuple[bytes, bytes]]], None]

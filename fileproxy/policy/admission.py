@@ -9,7 +9,7 @@ import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from fileproxy.errors import ProxyError
+from fileproxy.http.errors import ProxyError
 
 
 @dataclass

@@ -25,11 +25,11 @@ import aiohttp
 from aiohttp import hdrs
 
 from fileproxy.config import Config
-from fileproxy.errors import ProxyError
-from fileproxy.headers import Outgoing, response_length
-from fileproxy.upstream import UpstreamResponse
+from fileproxy.http.errors import ProxyError
+from fileproxy.http.headers import Outgoing, response_length
+from fileproxy.upstream.aiohttp_client import UpstreamResponse
 
-log = logging.getLogger("fileproxy.segments")
+log = logging.getLogger("fileproxy.upstream.segments")
 
 RETRIES_PER_SEGMENT = 3
 # What a failed range fetch may raise: the fetch is repeated from the byte where it stopped.

@@ -10,27 +10,22 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 import aiohttp
-from aiohttp import hdrs, web
-from aiohttp.http_writer import StreamWriter
+from aiohttp import hdrs
 
-from fileproxy.compat import NoDefaultHeaders, answer_as_http11, send_headers_with_first_chunk
 from fileproxy.config import Config
-from fileproxy.core.checks import SUPPORTED_VERSIONS
-from fileproxy.errors import ProxyError
-from fileproxy.headers import response_headers, response_length
-from fileproxy.lean import LeanResponse
-from fileproxy.segments import SegmentedFetch, SegmentFailed
-from fileproxy.splice import (
+from fileproxy.http.errors import ProxyError
+from fileproxy.upstream.aiohttp_client import UpstreamResponse
+from fileproxy.upstream.lean import LeanResponse
+from fileproxy.upstream.segments import SegmentedFetch, SegmentFailed
+from fileproxy.upstream.splice import (
     SinkGone,
     SourceCut,
     Timeouts,
     can_splice,
     splice_response_body,
-    write_all,
 )
-from fileproxy.upstream import UpstreamResponse, close_if_spliced
 
-log = logging.getLogger("fileproxy.streaming")
+log = logging.getLogger("fileproxy.core.relay")
 
 
 class Streamed(Protocol):
@@ -76,69 +71,6 @@ class RelayingRequest(Protocol):
 
     @property
     def transport(self) -> asyncio.Transport | None: ...
-
-
-class RelayedResponse(NoDefaultHeaders, web.StreamResponse):
-    """The upstream's status and end-to-end headers; no Server or Content-Type of our own."""
-
-    def __init__(self, upstream: UpstreamResponse) -> None:
-        super().__init__(status=upstream.status, reason=upstream.reason,
-                         headers=response_headers(upstream))
-        self.keep_headers_set_so_far()
-        # Body bytes already here: the headers leave with the first of them in one write.
-        # Otherwise they leave at once, so a slow body never delays the client's first byte.
-        send_headers_with_first_chunk(self, wait=upstream.content.total_bytes != 0)
-        self.body_bytes = 0
-        self.aborted: str | None = None
-        self.fault: str | None = None
-        self.writer: StreamWriter | None = None  # the request's, once prepared
-
-    async def flush(self, chunks: list[bytes]) -> int:
-        assert self.writer is not None
-        return await write_all(self.writer, chunks)
-
-
-class WholeResponse(NoDefaultHeaders, web.Response):
-    """A small upstream response that arrived whole with its headers: aiohttp sends it in one
-    write, without the streaming machinery."""
-
-    aborted: str | None = None
-    fault: str | None = None
-
-    def __init__(self, upstream: UpstreamResponse, body: bytes) -> None:
-        super().__init__(status=upstream.status, reason=upstream.reason,
-                         headers=response_headers(upstream), body=body)
-        self.keep_headers_set_so_far()
-        self.body_bytes = len(body)
-
-
-class AiohttpSide:
-    """The client side of a request aiohttp parsed: its response classes do the writing."""
-
-    def __init__(self, request: web.Request) -> None:
-        self.request = request
-
-    def whole(self, upstream: UpstreamResponse, body: bytes) -> WholeResponse:
-        return WholeResponse(upstream, body)
-
-    async def start(self, upstream: UpstreamResponse) -> RelayedResponse:
-        """Send the upstream's status and headers (Content-Length kept when it gave one)."""
-        response = RelayedResponse(upstream)
-        close_if_spliced(self.request, response)
-        length = response_length(upstream)
-        if length is not None:
-            response.content_length = length
-        await response.prepare(self.request)
-        assert isinstance(self.request.writer, StreamWriter)
-        response.writer = self.request.writer
-        return response
-
-    def error(self, error: ProxyError, request_id: str) -> web.Response:
-        if self.request.version not in SUPPORTED_VERSIONS:
-            answer_as_http11(self.request)
-        response = error.response(request_id)
-        close_if_spliced(self.request, response)
-        return response
 
 
 async def relay(request: RelayingRequest, upstream: UpstreamResponse, config: Config,

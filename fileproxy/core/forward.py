@@ -1,40 +1,34 @@
-"""The proxy handler: the whole request path, top to bottom, in one place."""
+"""The request path for every server adapter: checks, route, admission, choose and send with retries
+(breaker bookkeeping), relay, the exchange record."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
-import re
-import secrets
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar, cast
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from aiohttp import HttpVersion, web
 
-from fileproxy.accesslog import EXCHANGE, Exchange
 from fileproxy.core.checks import RequestHead, check_request
+from fileproxy.core.exchange import Exchange
+from fileproxy.core.keys import ADMISSION, CONFIG, LEAN, METRICS, RETRY, SESSION, UPSTREAMS
+from fileproxy.core.relay import ClientSide, RelayingRequest, relay, within
 from fileproxy.core.routing import Route, route
-from fileproxy.errors import ProxyError
-from fileproxy.headers import (
+from fileproxy.http.errors import ProxyError
+from fileproxy.http.headers import (
     ClientRequest,
     Outgoing,
     interim_head,
     outgoing_request,
     peer_address,
 )
-from fileproxy.keys import ADMISSION, CONFIG, LEAN, LEGACY, METRICS, RETRY, SESSION, TASKS, UPSTREAMS
-from fileproxy.lean import Interim
-from fileproxy.segments import SegmentedFetch, plan_for
-from fileproxy.state import StateUnavailable
-from fileproxy.streaming import AiohttpSide, ClientSide, RelayingRequest, relay, within
-from fileproxy.tasks import task_unavailable
-from fileproxy.upstream import ForwardedBody, UpstreamResponse, body_payload, send
-from fileproxy.upstreams import Upstream
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+from fileproxy.policy.balancing import Upstream
+from fileproxy.upstream.aiohttp_client import ForwardedBody, UpstreamResponse, send
+from fileproxy.upstream.lean import Interim
+from fileproxy.upstream.segments import SegmentedFetch, plan_for
 
 
 class Relayed(Protocol):
@@ -54,26 +48,6 @@ R = TypeVar("R", bound=Relayed)
 # fileproxy's own answers that are not the upstream's: legacy endpoints, async task submission.
 Elsewhere = Callable[[Route, Outgoing], Awaitable[Any]]
 Respond = Callable[[UpstreamResponse, float | None, "SegmentedFetch | None"], Awaitable[R]]
-_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-
-
-async def proxy_handler(request: web.Request) -> web.StreamResponse:
-    """aiohttp's server adapter: the request path for a request aiohttp parsed."""
-    app = request.app
-    config = app[CONFIG]
-    exchange = request[EXCHANGE] = Exchange(request_id_for(request), time.monotonic())
-
-    async def elsewhere(where: Route, outgoing: Outgoing) -> web.StreamResponse:
-        if where is Route.LEGACY:
-            return await app[LEGACY][request.path](request)
-        if where is Route.TASK:
-            return await submit_task(request, outgoing, exchange)
-        raise ProxyError(404, f"Not Found: no fileproxy endpoint {request.path}")
-
-    response = await serve_request(app, request, AiohttpSide(request), exchange,
-                                   lambda outgoing: body_payload(request, outgoing, config),
-                                   elsewhere)
-    return cast(web.StreamResponse, response)  # AiohttpSide's responses are aiohttp's
 
 
 async def serve_request(app: web.Application, request: ServedRequest, side: ClientSide,
@@ -108,15 +82,6 @@ async def serve_request(app: web.Application, request: ServedRequest, side: Clie
         return side.error(error, exchange.request_id)
     finally:
         metrics.finished(exchange, time.monotonic() - exchange.started)
-
-
-async def submit_task(request: web.Request, outgoing: Outgoing,
-                      exchange: Exchange) -> web.StreamResponse:
-    try:
-        return await request.app[TASKS].submit(request, outgoing, peer_address(request) or "-")
-    except StateUnavailable as error:
-        exchange.outcome, exchange.detail = "rejected", str(error)
-        return task_unavailable(error)
 
 
 async def forward_with(app: web.Application, outgoing: Outgoing, body: ForwardedBody | None,
@@ -192,6 +157,23 @@ async def send_with_retries(app: web.Application, outgoing: Outgoing,
         await asyncio.sleep(policy.backoff(exchange.retries))
 
 
+@contextlib.asynccontextmanager
+async def sent_later(app: web.Application, outgoing: Outgoing, body: ForwardedBody | None,
+                     request_id: str, timeout: aiohttp.ClientTimeout, client: str
+                     ) -> AsyncIterator[tuple[Upstream, UpstreamResponse]]:
+    """The request path for work run later (async tasks, upload deliveries): admission, then
+    send with retries; on exit the response is released and the upstream's slot given back."""
+    exchange = Exchange(request_id, time.monotonic())
+    async with app[ADMISSION].slot(client):
+        upstream, response = await send_with_retries(app, outgoing, body, exchange,
+                                                     timeout=timeout)
+        try:
+            yield upstream, response
+        finally:
+            response.release()
+            upstream.end()
+
+
 def segmented(app: web.Application, upstream: Upstream, outgoing: Outgoing,
               response: UpstreamResponse) -> SegmentedFetch | None:
     """--upstream-segments: the rest of a large body fetched as ranges from the same upstream."""
@@ -229,44 +211,3 @@ def total_deadline(total_timeout: float, exchange: Exchange) -> float | None:
 def body_state(body: ForwardedBody | None) -> dict[str, bool]:
     return {"has_body": body is not None, "body_sent": body is not None and body.sent,
             "replayable": body is None or body.replayable}
-
-
-class RequestIds:
-    """Request ids: this process's random prefix and a counter (unique without a syscall per
-    request). The prefix is drawn again in every forked child: gunicorn's workers are forked
-    from a master that imported this module, and must not hand out the same ids."""
-
-    def __init__(self) -> None:
-        self.reseed()
-        os.register_at_fork(after_in_child=self.reseed)
-
-    def reseed(self) -> None:
-        self.prefix = secrets.token_hex(4)
-        self.counter = itertools.count(1)
-
-    def next(self) -> str:
-        return f"{self.prefix}{next(self.counter):08x}"
-
-
-REQUEST_IDS = RequestIds()
-
-
-def request_id_for(request: ClientRequest) -> str:
-    """The client's X-Request-Id when it is a sane token, else a fresh one."""
-    incoming = request.headers.get("X-Request-Id", "")
-    if incoming and _SANE_REQUEST_ID.fullmatch(incoming):
-        return incoming
-    return REQUEST_IDS.next()
-
-
-async def defer_expect(request: web.Request) -> None:
-    """Send no early 100 Continue: the client gets one when the upstream asks for the body."""
-
-
-@web.middleware
-async def route_every_target(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Targets the router cannot place (CONNECT authority-form, '*') go to the proxy handler,
-    which refuses them with a reason instead of a bare 404."""
-    if request.match_info.http_exception is not None:
-        return await proxy_handler(request)
-    return await handler(request)

@@ -21,9 +21,9 @@ from gunicorn.app.base import Application
 from fileproxy.app import build_runner, configure_logging, gunicorn_app
 from fileproxy.config import Config, activate
 from fileproxy.loops import loop_factory
-from fileproxy.sockets import SocketOptions
+from fileproxy.upstream.sockets import SocketOptions
 
-GUNICORN_CONF = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
+GUNICORN_CONF = Path(__file__).resolve().parents[2] / "gunicorn.conf.py"
 
 
 class GunicornServer(Application):  # type: ignore[misc]

@@ -11,7 +11,8 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,16 +21,17 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from fileproxy.accesslog import Exchange
-from fileproxy.clientbody import client_body
-from fileproxy.config import Config
-from fileproxy.errors import ProxyError
-from fileproxy.headers import Outgoing
-from fileproxy.responses import QuietResponse, json_response
+from fileproxy.config import Config, parse_seconds
+from fileproxy.http.clientbody import client_body
+from fileproxy.http.errors import ProxyError
+from fileproxy.http.headers import Outgoing
+from fileproxy.http.responses import QuietResponse, json_response
+from fileproxy.observability.metrics import Metrics
+from fileproxy.policy.balancing import Upstream
 from fileproxy.state import StateStore, StateUnavailable
-from fileproxy.upstream import ForwardedBody
+from fileproxy.upstream.aiohttp_client import ForwardedBody, UpstreamResponse
 
-log = logging.getLogger("fileproxy.tasks")
+log = logging.getLogger("fileproxy.features.tasks")
 QUEUE, INDEX = "tasks", "tasks:index"
 PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED = (
     "pending", "processing", "completed", "failed", "cancelled")
@@ -123,9 +125,18 @@ class StoredBody(ForwardedBody):
                 self.body_bytes += len(chunk)
 
 
+# Handed over by the request path: admission, then one request sent (upstream choice, retries,
+# breaker), as a context that yields the upstream and its response and releases both on exit.
+# Called with the request, its stored body, a request id, the task's timeouts and the client.
+Send = Callable[[Outgoing, ForwardedBody | None, str, aiohttp.ClientTimeout, str],
+                AbstractAsyncContextManager[tuple[Upstream, UpstreamResponse]]]
+
+
 class TaskManager:
-    def __init__(self, app: web.Application, config: Config, store: StateStore) -> None:
-        self.app, self.config, self.store = app, config, store
+    """Stores submitted requests, runs this worker's share of them, keeps their responses."""
+
+    def __init__(self, config: Config, store: StateStore, send: Send, metrics: Metrics) -> None:
+        self.config, self.store, self.send, self.metrics = config, store, send, metrics
         self.spool = Path(config.spool_dir) / "tasks"
         self.consumer = f"{os.uname().nodename}-{os.getpid()}-{secrets.token_hex(3)}"
         self.running: dict[str, asyncio.Task[None]] = {}
@@ -162,7 +173,7 @@ class TaskManager:
         await self.save(task)
         await self.store.index_add(INDEX, task.id, task.created)
         await self.store.queue_push(QUEUE, {"task_id": task.id})
-        self.metrics().tasks.labels("submitted").inc()
+        self.metrics.tasks.labels("submitted").inc()
         url = self.status_url(task.id)
         return json_response({"task_id": task.id, "status": PENDING, "status_url": url},
                              status=202, headers={"Location": url,
@@ -179,7 +190,7 @@ class TaskManager:
         await self.save(task)
         await self.store.index_add(INDEX, task.id, task.created)
         await self.store.queue_push(QUEUE, {"task_id": task.id})
-        self.metrics().tasks.labels("submitted").inc()
+        self.metrics.tasks.labels("submitted").inc()
         return task
 
     async def store_body(self, request: web.Request, task: Task) -> None:
@@ -268,29 +279,20 @@ class TaskManager:
             await runner
 
     async def execute(self, task: Task) -> None:
-        from fileproxy.keys import ADMISSION
-        from fileproxy.proxy import send_with_retries
-
         task.status, task.started, task.attempts = PROCESSING, time.time(), task.attempts + 1
         await self.save(task)
-        metrics = self.metrics()
+        metrics = self.metrics
         metrics.tasks_running.inc()
         outgoing = Outgoing(task.method, task.target, CIMultiDict(task.headers),
                             task.body_size > 0 or task.method not in ("GET", "HEAD"), task.host)
         body = await self.stored_body(task) if outgoing.has_body else None
-        exchange = Exchange(f"task-{task.id[:8]}", time.monotonic())
         try:
-            async with self.app[ADMISSION].slot(task.client):
-                upstream, response = await send_with_retries(self.app, outgoing, body, exchange,
-                                                             timeout=self.task_timeout())
-                try:
-                    task.upstream, task.upstream_status = upstream.authority, response.status
-                    task.result_headers = [[k, v] for k, v in response.headers.items()
-                                           if k.lower() not in ("transfer-encoding",)]
-                    await self.keep_result(task, response)
-                finally:
-                    response.release()
-                    upstream.end()
+            async with self.send(outgoing, body, f"task-{task.id[:8]}", self.task_timeout(),
+                                 task.client) as (upstream, response):
+                task.upstream, task.upstream_status = upstream.authority, response.status
+                task.result_headers = [[k, v] for k, v in response.headers.items()
+                                       if k.lower() not in ("transfer-encoding",)]
+                await self.keep_result(task, response)
             task.status = COMPLETED
         except asyncio.CancelledError:
             # A user's cancel marked the record first (kept below); otherwise this worker is
@@ -311,16 +313,11 @@ class TaskManager:
                 await self.save(task)
             metrics.tasks.labels(task.status).inc()
 
-    def metrics(self) -> Any:
-        from fileproxy.keys import METRICS
-
-        return self.app[METRICS]
-
     async def sample_queue(self) -> None:
         """For the metrics: the queue length and the upload spool, read from the store."""
         with contextlib.suppress(StateUnavailable):
-            self.metrics().task_queue.set(await self.store.queue_length(QUEUE))
-            self.metrics().spool_bytes.set(
+            self.metrics.task_queue.set(await self.store.queue_length(QUEUE))
+            self.metrics.spool_bytes.set(
                 int(await self.store.incr("uploads:spool-bytes", 0)))
 
     def task_timeout(self) -> aiohttp.ClientTimeout:
@@ -397,9 +394,10 @@ def task_unavailable(error: StateUnavailable) -> QuietResponse:
 
 # ---------------------------------------------------------------- endpoints (under the admin prefix)
 
-def manager_of(request: web.Request) -> TaskManager:
-    from fileproxy.keys import TASKS
+TASKS = web.AppKey("tasks", TaskManager)
 
+
+def manager_of(request: web.Request) -> TaskManager:
     return request.app[TASKS]
 
 
@@ -450,8 +448,6 @@ async def task_list(request: web.Request) -> web.StreamResponse:
 
 
 async def task_cleanup(request: web.Request) -> web.StreamResponse:
-    from fileproxy.config import parse_seconds
-
     try:
         older_than = parse_seconds(request.query.get("older_than", ""))
     except ValueError:

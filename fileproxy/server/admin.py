@@ -9,12 +9,12 @@ from aiohttp import web
 
 from fileproxy import __version__
 from fileproxy.config import Config
-from fileproxy.keys import CONFIG, LEGACY, METRICS, STORE, UPSTREAMS
-from fileproxy.metrics import stats
-from fileproxy.responses import QuietResponse, json_response
-from fileproxy.state import StateUnavailable
-from fileproxy.tasks import add_task_routes
-from fileproxy.uploads import add_upload_routes
+from fileproxy.core.keys import CONFIG, LEGACY, METRICS, UPSTREAMS
+from fileproxy.features.tasks import add_task_routes
+from fileproxy.features.uploads import add_upload_routes
+from fileproxy.http.responses import QuietResponse, json_response
+from fileproxy.observability.metrics import stats
+from fileproxy.state import STORE, StateUnavailable
 
 AdminHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Refresh = Callable[[web.Application], None]

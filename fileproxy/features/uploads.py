@@ -21,9 +21,13 @@ from typing import Any
 
 from aiohttp import web
 
-from fileproxy.clientbody import client_body
 from fileproxy.config import Config
-from fileproxy.responses import QuietResponse
+from fileproxy.features.tasks import TaskManager
+from fileproxy.http.clientbody import client_body
+from fileproxy.http.errors import ProxyError
+from fileproxy.http.responses import QuietResponse
+from fileproxy.http.targets import origin_form_path
+from fileproxy.observability.metrics import Metrics
 from fileproxy.state import Locked, LockHandle, StateStore, StateUnavailable
 
 TUS_VERSION = "1.0.0"
@@ -74,8 +78,11 @@ def parse_metadata(header: str) -> dict[str, str]:
 
 
 class Uploads:
-    def __init__(self, config: Config, store: StateStore, metrics: Any = None) -> None:
-        self.config, self.store, self.metrics = config, store, metrics
+    """tus uploads: sessions in the store, bytes in the spool; a finished one becomes a task."""
+
+    def __init__(self, config: Config, store: StateStore, tasks: TaskManager,
+                 metrics: Metrics | None = None) -> None:
+        self.config, self.store, self.tasks, self.metrics = config, store, tasks, metrics
         self.spool = Path(config.spool_dir) / "uploads"
 
     def path(self, upload_id: str) -> Path:
@@ -112,9 +119,13 @@ class Uploads:
         if await self.spool_in_use() + length > self.config.upload_spool_quota:
             raise TusError(507, "Insufficient Storage: the upload spool is full; retry later")
         metadata = parse_metadata(request.headers.get("Upload-Metadata", ""))
-        if not metadata.get("target", "").startswith("/"):
+        if not metadata.get("target"):
             raise TusError(400, "Bad Request: Upload-Metadata needs `target`, the upstream path "
                                 "the finished file goes to")
+        try:
+            origin_form_path(metadata["target"])
+        except ProxyError as error:
+            raise TusError(error.status, f"{error.message} (Upload-Metadata `target`)") from None
         upload = Upload(secrets.token_urlsafe(24), length, metadata,
                         expires=time.time() + self.config.upload_ttl)
         self.spool.mkdir(parents=True, exist_ok=True)
@@ -256,9 +267,10 @@ def expires_header(upload: Upload) -> dict[str, str]:
 
 # ---------------------------------------------------------------- endpoints
 
-def uploads_of(request: web.Request) -> Uploads:
-    from fileproxy.keys import UPLOADS
+UPLOADS = web.AppKey("uploads", Uploads)
 
+
+def uploads_of(request: web.Request) -> Uploads:
     return request.app[UPLOADS]
 
 
@@ -318,9 +330,7 @@ async def finish_if_complete(request: web.Request, uploads: Uploads,
     what the upstream answered if it answers within --upload-delivery-wait."""
     if upload.offset != upload.length or upload.task_id is not None:
         return {}
-    from fileproxy.keys import TASKS
-
-    tasks = request.app[TASKS]
+    tasks = uploads.tasks
     metadata = upload.metadata
     headers = [[name, value] for name, value in
                (("Content-Type", metadata.get("filetype", "application/octet-stream")),

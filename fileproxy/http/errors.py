@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fileproxy.responses import QuietResponse
+from fileproxy.http.responses import QuietResponse
 
 
 class ProxyError(Exception):

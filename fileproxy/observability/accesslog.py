@@ -1,61 +1,17 @@
-"""Per-request record (the Exchange) and the access-log line written from it, plain or JSON."""
+"""The access-log line written from a request's exchange record, plain or JSON."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from fileproxy.errors import ProxyError
-
-
-@dataclass
-class Exchange:
-    """What happened to one proxied request; filled in along the request path."""
-
-    request_id: str
-    started: float  # time.monotonic() (the loop's clock too)
-    upstream: str = "-"
-    bytes_in: int = 0  # request body bytes sent upstream
-    bytes_out: int = 0  # response body bytes sent to the client
-    ttfb: float | None = None  # seconds until the response headers went to the client
-    retries: int = 0
-    status: int = 0
-    outcome: str = "ok"  # ok, refused, rejected, upstream_error, aborted
-    detail: str = ""
-
-    def fail(self, error: ProxyError) -> None:
-        """fileproxy answered itself: a refusal (4xx), a rejection by admission (429/503 before
-        any upstream) or an upstream failure (5xx)."""
-        self.detail, self.status = error.message, error.status
-        if error.status < 500 and error.status != 429:
-            self.outcome = "refused"
-        elif error.kind:
-            self.outcome = "upstream_error"
-        else:
-            self.outcome = "rejected"
-
-    def relayed(self, response: Any) -> None:
-        """From the response sent back: a web.StreamResponse, or the fast path's record."""
-        self.status = response.status
-        self.bytes_out = response_bytes(response)
-        aborted = getattr(response, "aborted", None)
-        if aborted:
-            self.outcome, self.detail = "aborted", aborted
-
+from fileproxy.core.exchange import Exchange, response_bytes
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
-
-
-def response_bytes(response: web.StreamResponse) -> int:
-    """Body bytes the client was sent: counted by fileproxy when it relayed (splice included),
-    else what aiohttp wrote."""
-    counted = getattr(response, "body_bytes", None)
-    return counted if counted is not None else response.body_length
 
 
 def log_fields(request: web.BaseRequest, response: web.StreamResponse,

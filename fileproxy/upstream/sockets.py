@@ -10,7 +10,7 @@ from aiohappyeyeballs import AddrInfoType
 
 from fileproxy.config import Config
 
-log = logging.getLogger("fileproxy.sockets")
+log = logging.getLogger("fileproxy.upstream.sockets")
 _warned: list[bool] = []
 
 

@@ -26,7 +26,7 @@ from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 
 if TYPE_CHECKING:
-    from fileproxy.upstream import UpstreamResponse
+    from fileproxy.upstream.aiohttp_client import UpstreamResponse
 
 PIPE_SIZE = 256 << 10
 MIN_SPLICE_BYTES = 1 << 20  # below this the set-up costs more than the copies it saves

@@ -29,16 +29,17 @@ from aiohttp import HttpVersion, HttpVersion11, web
 from aiohttp.http_parser import SINGLETON_HEADERS
 from multidict import CIMultiDict
 
-from fileproxy.accesslog import AccessLogger, Exchange, exchange_fields
 from fileproxy.compat import request_handler
 from fileproxy.config import Config
 from fileproxy.core.checks import REQUEST_LINE
+from fileproxy.core.exchange import Exchange, request_id_for
+from fileproxy.core.forward import serve_request
+from fileproxy.core.keys import CONFIG
 from fileproxy.core.routing import Route, route
-from fileproxy.errors import ProxyError
-from fileproxy.headers import Outgoing, parser_limit, response_headers, response_length
-from fileproxy.keys import CONFIG
-from fileproxy.proxy import request_id_for, serve_request
-from fileproxy.upstream import UpstreamResponse
+from fileproxy.http.errors import ProxyError
+from fileproxy.http.headers import Outgoing, parser_limit, response_headers, response_length
+from fileproxy.observability.accesslog import AccessLogger, exchange_fields
+from fileproxy.upstream.aiohttp_client import UpstreamResponse
 
 # Headers that mean "not a plain GET": a body, an interim exchange, a protocol switch, async.
 HANDED_OVER_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",

@@ -9,9 +9,9 @@ from functools import cached_property
 
 from yarl import URL
 
-from fileproxy.breaker import OPEN, BreakerSettings, CircuitBreaker
 from fileproxy.config import Config
-from fileproxy.errors import ProxyError
+from fileproxy.http.errors import ProxyError
+from fileproxy.policy.breaker import OPEN, BreakerSettings, CircuitBreaker
 
 
 @dataclass(eq=False)

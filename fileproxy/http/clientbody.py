@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-log = logging.getLogger("fileproxy.clientbody")
+log = logging.getLogger("fileproxy.http.clientbody")
 
 
 class ClientStalled(ConnectionError):

@@ -12,7 +12,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from fileproxy.config import Config
 
 if TYPE_CHECKING:
-    from fileproxy.upstream import UpstreamResponse
+    from fileproxy.upstream.aiohttp_client import UpstreamResponse
 
 # RFC 9110 7.6.1 and the de-facto ones every proxy strips.
 HOP_BY_HOP = frozenset({

@@ -1,0 +1,1 @@
+"""Metrics (Prometheus and JSON stats) and the access log."""

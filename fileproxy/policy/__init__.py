@@ -1,0 +1,1 @@
+"""Policies of the request path: admission, retries, circuit breakers, balancing, active health."""
