@@ -4,7 +4,7 @@
 #   ./run.sh dev --upstream URL [flags]       one process, for debugging
 #   ./run.sh test [pytest args]               the test suite
 #   ./run.sh bench NAME [args]                benchmarks/NAME.py (loopback, load, net)
-#   ./run.sh lint                             ruff check
+#   ./run.sh lint [ruff args]                 ruff check, then mypy (settings in setup.cfg)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -32,7 +32,7 @@ py="$venv/bin/python"
 cd "$root"
 case "${1:-}" in
   test) shift; exec "$py" -m pytest "$@" ;;
-  lint) shift; exec "$venv/bin/ruff" check "$root" "$@" ;;
+  lint) shift; "$venv/bin/ruff" check "$root" "$@" && exec "$venv/bin/mypy" ;;
   bench)
     shift
     name="${1:?usage: ./run.sh bench loopback|load|faults|net|tuning|cutupload [args]}"; shift

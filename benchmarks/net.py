@@ -40,7 +40,7 @@ from benchmarks.topology import (
     Topology,
     require_root_and_ip,
 )
-from tests.origin import pattern_sha256
+from tests.pattern import pattern_sha256
 
 SCENARIOS = Path(__file__).with_name("scenarios.toml")
 PROBE_PORT = 9999

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import HttpVersion11, web
-from aiohttp.http_parser import HttpRequestParserPy
+from aiohttp.http_parser import SINGLETON_HEADERS, HttpRequestParserPy
 from aiohttp.payload import Payload
 from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler, RequestPayloadError
 
@@ -20,7 +20,11 @@ from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler, RequestPayl
 TESTED_AIOHTTP = ("3.14.4", "3.14.5")
 TESTED_PROMETHEUS_CLIENT = ("0.20", "0.21", "0.22", "0.23", "0.24", "0.25", "0.26")
 
-log = logging.getLogger("fileproxy.server.run")
+log = logging.getLogger("fileproxy.server")
+
+# Header names (lower-case bytes) aiohttp's request parser refuses to see twice (a 400): the fast
+# path hands a request that repeats one to aiohttp rather than deciding otherwise.
+SINGLETONS = frozenset(str(name).lower().encode() for name in SINGLETON_HEADERS)
 
 
 class UntestedVersion(RuntimeError):
@@ -157,7 +161,7 @@ class ServerWrappingRunner(web.AppRunner):
         raise NotImplementedError
 
     async def _make_server(self) -> web.Server:
-        return self.wrap(await super()._make_server())  # type: ignore[no-any-return]
+        return self.wrap(await super()._make_server())
 
 
 # ---------------------------------------------------------------- aiohttp's client side

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from fileproxy.client import AsyncClient, Client
-from tests.origin import pattern_sha256
+from tests.pattern import pattern_sha256
 
 
 async def test_resumed_download_is_byte_exact_after_two_cuts(origin, proxy, tmp_path):

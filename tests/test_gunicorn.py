@@ -13,7 +13,7 @@ import urllib.request
 import psutil
 
 from tests.conftest import GunicornProxy
-from tests.origin import pattern, pattern_sha256
+from tests.pattern import pattern, pattern_sha256
 
 BIG = 256 * 1024 * 1024
 
@@ -85,6 +85,18 @@ def get_json(url: str) -> dict:
     request = urllib.request.Request(url, headers={"Connection": "close"})
     with urllib.request.urlopen(request) as response:
         return json.loads(response.read())
+
+
+def test_request_ids_are_unique_across_workers(gunicorn_proxy: GunicornProxy):
+    """Each worker draws its own id prefix after the fork (not one in the master for all)."""
+    ids = []
+    for _ in range(120):  # a new connection each time: both workers take some
+        with urllib.request.urlopen(f"{gunicorn_proxy.url}/echo/id") as response:
+            echo = json.loads(response.read())
+        ids += [value for name, value in echo["headers"] if name.lower() == "x-request-id"]
+    assert len(ids) == 120
+    assert len(set(ids)) == 120
+    assert len({request_id[:8] for request_id in ids}) == 2  # one prefix per worker
 
 
 def test_stats_are_the_same_whichever_worker_answers(gunicorn_proxy: GunicornProxy):

@@ -13,7 +13,7 @@ import pytest
 from fileproxy.config import Config
 from fileproxy.upstream.lean import UPSTREAM_MAX_FIELD_SIZE, LeanPool
 from tests.conftest import free_port, raw_exchange
-from tests.origin import pattern_sha256
+from tests.pattern import pattern_sha256
 from tests.rawserver import RawRequest, RawServer
 from tests.test_streaming import sha256_of
 

@@ -11,11 +11,16 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
+import psutil
 import pytest
 
 from benchmarks.net import LAN, Run, verify_links
 from benchmarks.topology import Topology, kernel_has_netem
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("ip") or not os.path.exists("/dev/net/tun"),
@@ -71,11 +76,30 @@ def test_links_measure_as_configured_and_nothing_is_left_behind(profile, emulati
     assert emulator_pid is None or not alive(emulator_pid)
 
 
-def test_refuses_clearly_without_root(tmp_path):
+def test_refuses_clearly_without_root():
+    """`bench net` run by an ordinary user stops with one line. The user (nobody) gets a
+    world-readable copy of what the harness imports before it checks, since the checkout may sit
+    in a directory only root can enter (a clone under /root or in `mktemp -d`)."""
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) is not installed")
-    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                             sys.executable, "-m", "benchmarks.net", "--quick"],
-                            capture_output=True, text=True, cwd=os.getcwd(), timeout=60)
+    sandbox = Path(tempfile.mkdtemp(prefix="fileproxy-nobody-"))
+    try:
+        shutil.copytree(ROOT / "benchmarks", sandbox / "benchmarks",
+                        ignore=shutil.ignore_patterns("results", "__pycache__"))
+        shutil.copytree(Path(psutil.__file__).parent, sandbox / "psutil")
+        (sandbox / "tests").mkdir()
+        for name in ("__init__.py", "pattern.py"):
+            shutil.copy(ROOT / "tests" / name, sandbox / "tests" / name)
+        for path in [sandbox, *sandbox.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                 getattr(sys, "_base_executable", sys.executable), "-m",
+                                 "benchmarks.net", "--quick"],
+                                capture_output=True, text=True, cwd=sandbox, timeout=60,
+                                env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(sandbox),
+                                     "PYTHONDONTWRITEBYTECODE": "1"})
+    finally:
+        shutil.rmtree(sandbox)
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1].startswith("bench net: needs root")
+    assert result.stderr.strip().splitlines()[-1].startswith("bench net: needs root"), \
+        result.stderr

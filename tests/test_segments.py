@@ -6,7 +6,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from tests.origin import pattern, pattern_sha256
+from tests.pattern import pattern, pattern_sha256
 from tests.rawserver import RawRequest, RawServer
 from tests.test_streaming import sha256_of
 

@@ -6,7 +6,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import raw_exchange
-from tests.origin import pattern, pattern_sha256
+from tests.pattern import pattern, pattern_sha256
 from tests.test_streaming import sha256_of
 
 MIB = 1024 * 1024

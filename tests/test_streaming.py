@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Served, raw_exchange
-from tests.origin import pattern, pattern_sha256
+from tests.pattern import pattern, pattern_sha256
 
 BIG = 256 * 1024 * 1024
 

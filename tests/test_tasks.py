@@ -9,7 +9,7 @@ import secrets
 import pytest
 
 from fileproxy.features.tasks import TASKS
-from tests.origin import pattern_sha256
+from tests.pattern import pattern_sha256
 
 ASYNC = {"Prefer": "respond-async"}
 

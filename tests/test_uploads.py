@@ -8,7 +8,7 @@ import hashlib
 
 import pytest
 
-from tests.origin import pattern
+from tests.pattern import pattern
 
 TUS = {"Tus-Resumable": "1.0.0"}
 MIB = 1024 * 1024
@@ -115,6 +115,19 @@ async def test_protocol_errors(origin, make_proxy, client):
         assert response.status == 404
 
 
+@pytest.mark.parametrize("target", ["/../../etc/x", "/%2e%2e/%2E%2e/x", "/a/../../x",
+                                    "relative/x", "http://elsewhere/x"])
+async def test_an_upload_target_outside_the_target_policy_is_refused(origin, proxy, client,
+                                                                      target):
+    """The same target policy as every proxied request: no dot-segments above the root,
+    origin-form only; refused at creation, before any byte is taken."""
+    async with client.post(f"{proxy.url}/_fileproxy/uploads", headers={
+            **TUS, "Upload-Length": "3", "Upload-Metadata": metadata(target=target)}) as response:
+        assert response.status == 400, await response.text()
+        assert "target" in await response.text()
+    assert origin.connections() == 0
+
+
 async def test_quota_and_expiry(origin, make_proxy, client, tmp_path):
     proxy = await make_proxy(origin.url, upload_spool_quota=MIB, upload_ttl=0.3,
                              spool_dir=str(tmp_path))
@@ -217,7 +230,7 @@ async def test_curl_resumes_a_download_through_the_proxy(proxy, tmp_path):
 
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
-    from tests.origin import pattern_sha256
+    from tests.pattern import pattern_sha256
 
     size = 3 * MIB
     dest = tmp_path / "partial.bin"

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import aiohttp
 from aiohttp import HttpVersion, web
@@ -15,7 +15,16 @@ from aiohttp import HttpVersion, web
 from fileproxy.core.checks import RequestHead, check_request
 from fileproxy.core.exchange import Exchange
 from fileproxy.core.keys import ADMISSION, CONFIG, LEAN, METRICS, RETRY, SESSION, UPSTREAMS
-from fileproxy.core.relay import ClientSide, RelayingRequest, relay, within
+from fileproxy.core.relay import (
+    Answer,
+    ClientSide,
+    Relayed,
+    RelayingRequest,
+    S,
+    W,
+    relay,
+    within,
+)
 from fileproxy.core.routing import Route, route
 from fileproxy.http.errors import ProxyError
 from fileproxy.http.headers import (
@@ -31,29 +40,22 @@ from fileproxy.upstream.lean import Interim
 from fileproxy.upstream.segments import SegmentedFetch, plan_for
 
 
-class Relayed(Protocol):
-    """What a response sent back to the client reports: its status, whether it was cut short
-    (`aborted`, with whose `fault` it was) and, as `body_bytes`, how much of it went."""
-
-    status: int
-    aborted: str | None
-    fault: str | None
-
-
 class ServedRequest(ClientRequest, RequestHead, RelayingRequest, Protocol):
     """What the request path reads of a request a server adapter parsed."""
 
 
 R = TypeVar("R", bound=Relayed)
+E = TypeVar("E", bound=Answer)  # a server path's error responses (ClientSide.error)
+A = TypeVar("A", bound=Answer)
 # fileproxy's own answers that are not the upstream's: legacy endpoints, async task submission.
-Elsewhere = Callable[[Route, Outgoing], Awaitable[Any]]
+Elsewhere = Callable[[Route, Outgoing], Awaitable[A]]
 Respond = Callable[[UpstreamResponse, float | None, "SegmentedFetch | None"], Awaitable[R]]
 
 
-async def serve_request(app: web.Application, request: ServedRequest, side: ClientSide,
+async def serve_request(app: web.Application, request: ServedRequest, side: ClientSide[W, S, E],
                         exchange: Exchange,
                         body_for: Callable[[Outgoing], ForwardedBody | None],
-                        elsewhere: Elsewhere | None = None) -> Relayed:
+                        elsewhere: Elsewhere[A] | None = None) -> W | S | E | A:
     """The request path, whichever server adapter parsed the request: 1 checks (a 4xx here never
     reaches an upstream), 2 route, 3 admission, 4-5 forward and relay, 6 metrics. fileproxy's own
     answers (errors, legacy endpoints, tasks) go back through the same side."""
@@ -160,7 +162,7 @@ async def send_with_retries(app: web.Application, outgoing: Outgoing,
 @contextlib.asynccontextmanager
 async def sent_later(app: web.Application, outgoing: Outgoing, body: ForwardedBody | None,
                      request_id: str, timeout: aiohttp.ClientTimeout, client: str
-                     ) -> AsyncIterator[tuple[Upstream, UpstreamResponse]]:
+                     ) -> AsyncIterator[tuple[Upstream, aiohttp.ClientResponse]]:
     """The request path for work run later (async tasks, upload deliveries): admission, then
     send with retries; on exit the response is released and the upstream's slot given back."""
     exchange = Exchange(request_id, time.monotonic())
@@ -168,6 +170,8 @@ async def sent_later(app: web.Application, outgoing: Outgoing, body: ForwardedBo
         upstream, response = await send_with_retries(app, outgoing, body, exchange,
                                                      timeout=timeout)
         try:
+            # A request with a timeout of its own never takes the lean client (send): aiohttp's.
+            assert isinstance(response, aiohttp.ClientResponse)
             yield upstream, response
         finally:
             response.release()

@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Protocol, TypeVar
 
 import aiohttp
 from aiohttp import hdrs
@@ -28,16 +28,27 @@ from fileproxy.upstream.splice import (
 log = logging.getLogger("fileproxy.core.relay")
 
 
-class Streamed(Protocol):
+class Answer(Protocol):
+    """Any response sent back to the client: the upstream's, relayed, or one of fileproxy's own."""
+
+    @property
+    def status(self) -> int: ...
+
+
+class Relayed(Answer, Protocol):
+    """The upstream's response as sent back to the client: whether it was cut short (`aborted`,
+    with whose `fault` it was) and, as `body_bytes`, how much of its body went."""
+
+    body_bytes: int
+    aborted: str | None
+    fault: str | None
+
+
+class Streamed(Relayed, Protocol):
     """A response on its way to the client, as relay() drives it: aiohttp's (RelayedResponse) or
     the fast path's. write() returns once the client's side took the bytes (backpressure) and
     raises ConnectionError when the client is gone; flush() writes and returns once everything
     left, before the rest is spliced behind it."""
-
-    status: int
-    body_bytes: int
-    aborted: str | None
-    fault: str | None
 
     @property
     def content_length(self) -> int | None: ...
@@ -49,14 +60,23 @@ class Streamed(Protocol):
     async def write_eof(self) -> None: ...
 
 
-class ClientSide(Protocol):
-    """How a response reaches the client: whole in one go, or started (headers) and then streamed."""
+# What one server path's ClientSide answers with: a whole response, a streamed one, an error.
+W_co = TypeVar("W_co", bound=Relayed, covariant=True)
+S_co = TypeVar("S_co", bound=Streamed, covariant=True)
+E_co = TypeVar("E_co", bound=Answer, covariant=True)
+W = TypeVar("W", bound=Relayed)
+S = TypeVar("S", bound=Streamed)
 
-    def whole(self, upstream: UpstreamResponse, body: bytes) -> Streamed: ...
 
-    async def start(self, upstream: UpstreamResponse) -> Streamed: ...
+class ClientSide(Protocol[W_co, S_co, E_co]):
+    """How a response reaches the client: whole in one go, or started (headers) and then
+    streamed; the type parameters are that server path's own response classes."""
 
-    def error(self, error: ProxyError, request_id: str) -> Any:
+    def whole(self, upstream: UpstreamResponse, body: bytes) -> W_co: ...
+
+    async def start(self, upstream: UpstreamResponse) -> S_co: ...
+
+    def error(self, error: ProxyError, request_id: str) -> E_co:
         """An answer of fileproxy's own (an error), as this server path sends it."""
 
 
@@ -74,8 +94,8 @@ class RelayingRequest(Protocol):
 
 
 async def relay(request: RelayingRequest, upstream: UpstreamResponse, config: Config,
-                deadline: float | None, side: ClientSide,
-                segments: SegmentedFetch | None = None) -> Streamed:
+                deadline: float | None, side: ClientSide[W, S, Answer],
+                segments: SegmentedFetch | None = None) -> W | S:
     """The upstream's response to the client: whole when it is small and already here, else
     streamed (headers first, then the body) within the total deadline."""
     whole = arrived_whole(request, upstream)

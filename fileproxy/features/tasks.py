@@ -29,7 +29,7 @@ from fileproxy.http.responses import QuietResponse, json_response
 from fileproxy.observability.metrics import Metrics
 from fileproxy.policy.balancing import Upstream
 from fileproxy.state import StateStore, StateUnavailable
-from fileproxy.upstream.aiohttp_client import ForwardedBody, UpstreamResponse
+from fileproxy.upstream.aiohttp_client import ForwardedBody
 
 log = logging.getLogger("fileproxy.features.tasks")
 QUEUE, INDEX = "tasks", "tasks:index"
@@ -129,7 +129,7 @@ class StoredBody(ForwardedBody):
 # breaker), as a context that yields the upstream and its response and releases both on exit.
 # Called with the request, its stored body, a request id, the task's timeouts and the client.
 Send = Callable[[Outgoing, ForwardedBody | None, str, aiohttp.ClientTimeout, str],
-                AbstractAsyncContextManager[tuple[Upstream, UpstreamResponse]]]
+                AbstractAsyncContextManager[tuple[Upstream, aiohttp.ClientResponse]]]
 
 
 class TaskManager:
@@ -283,7 +283,8 @@ class TaskManager:
         await self.save(task)
         metrics = self.metrics
         metrics.tasks_running.inc()
-        outgoing = Outgoing(task.method, task.target, CIMultiDict(task.headers),
+        headers = CIMultiDict((name, value) for name, value in task.headers)
+        outgoing = Outgoing(task.method, task.target, headers,
                             task.body_size > 0 or task.method not in ("GET", "HEAD"), task.host)
         body = await self.stored_body(task) if outgoing.has_body else None
         try:

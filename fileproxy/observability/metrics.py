@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from fileproxy.compat import connector_sizes, histogram_add
 from fileproxy.observability.accesslog import Exchange
@@ -22,6 +22,8 @@ from fileproxy.policy.breaker import STATES
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by gunicorn.conf.py before workers start
 OWN_DIR_ENV = "FILEPROXY_OWNS_METRICS_DIR"  # the directory is ours to remove at exit
+# How a gauge's values from several workers add up (prometheus_client's multiprocess modes).
+GaugeMode = Literal["livesum", "livemax", "min", "max"]
 # Latency buckets from 1 ms to an hour: small requests and multi-hour transfers alike.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300,
            900, 3600, math.inf)
@@ -123,7 +125,7 @@ class Metrics:
         self.rate = RateMeter()
         r = self.registry
 
-        def gauge(name: str, doc: str, labels: tuple[str, ...] = (), mode: str = "livesum"
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = (), mode: GaugeMode = "livesum"
                   ) -> Any:
             return Gauge(name, doc, labels, registry=r, multiprocess_mode=mode)
 

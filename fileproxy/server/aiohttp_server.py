@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import cast
 
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
@@ -40,10 +39,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             return await submit_task(request, outgoing, exchange)
         raise ProxyError(404, f"Not Found: no fileproxy endpoint {request.path}")
 
-    response = await serve_request(app, request, AiohttpSide(request), exchange,
-                                   lambda outgoing: body_payload(request, outgoing, config),
-                                   elsewhere)
-    return cast(web.StreamResponse, response)  # AiohttpSide's responses are aiohttp's
+    return await serve_request(app, request, AiohttpSide(request), exchange,
+                               lambda outgoing: body_payload(request, outgoing, config), elsewhere)
 
 
 async def submit_task(request: web.Request, outgoing: Outgoing,

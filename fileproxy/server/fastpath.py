@@ -26,10 +26,9 @@ from urllib.parse import unquote
 
 import httptools
 from aiohttp import HttpVersion, HttpVersion11, web
-from aiohttp.http_parser import SINGLETON_HEADERS
 from multidict import CIMultiDict
 
-from fileproxy.compat import request_handler
+from fileproxy.compat import SINGLETONS, request_handler
 from fileproxy.config import Config
 from fileproxy.core.checks import REQUEST_LINE
 from fileproxy.core.exchange import Exchange, request_id_for
@@ -44,7 +43,6 @@ from fileproxy.upstream.aiohttp_client import UpstreamResponse
 # Headers that mean "not a plain GET": a body, an interim exchange, a protocol switch, async.
 HANDED_OVER_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
                                  b"prefer"})
-SINGLETONS = frozenset(name.encode() for name in SINGLETON_HEADERS)
 NO_BODY_STATUSES = frozenset({204, 304})
 # Seconds an idle connection stays open once the worker is stopping, for a request on its way.
 SHUTDOWN_GRACE = 1.0

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 from aiohttp import web
@@ -26,7 +26,7 @@ from fileproxy.upstream.sockets import SocketOptions
 GUNICORN_CONF = Path(__file__).resolve().parents[2] / "gunicorn.conf.py"
 
 
-class GunicornServer(Application):  # type: ignore[misc]
+class GunicornServer(Application):
     """gunicorn with gunicorn.conf.py, which reads the activated Config (not gunicorn's argv)."""
 
     def load_config(self) -> None:
@@ -35,7 +35,8 @@ class GunicornServer(Application):  # type: ignore[misc]
     def init(self, parser: object, opts: object, args: object) -> None:
         """Unused: settings come from gunicorn.conf.py, never from gunicorn's own argv."""
 
-    def load(self) -> object:
+    # gunicorn's stubs know WSGI and ASGI apps only; aiohttp's gunicorn worker takes this factory.
+    def load(self) -> Callable[[], Awaitable[web.AppRunner]]:  # type: ignore[override]
         return gunicorn_app
 
 

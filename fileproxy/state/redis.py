@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -16,6 +16,13 @@ from fileproxy.state.base import Locked, StateUnavailable
 
 T = TypeVar("T")
 DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+
+# redis-py types a reply for every protocol and decoding at once (bytes or str; RESP2 or RESP3
+# shapes). This client keeps redis-py's defaults (RESP2, no decode_responses): its replies are
+# bytes, in the shapes below (a pair may come as a list or a tuple; only its two items are read).
+ScoredMembers = list[tuple[bytes, float]]  # ZRANGEBYSCORE ... WITHSCORES: (member, score) each
+StreamMessage = tuple[bytes, dict[bytes, bytes]]  # a stream entry: (message id, fields)
+StreamRead = list[tuple[bytes, list[StreamMessage]]]  # XREADGROUP: (stream, its entries) each
 
 
 class RedisLock:
@@ -52,7 +59,7 @@ class RedisStore:
         await self._call(self.client.ping)
 
     async def get(self, key: str) -> bytes | None:
-        return await self._call(lambda: self.client.get(self.k(key)))
+        return cast(bytes | None, await self._call(lambda: self.client.get(self.k(key))))
 
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         px = int(ttl * 1000) if ttl else None
@@ -97,7 +104,7 @@ class RedisStore:
         top = "+inf" if max_score is None else max_score
         rows = await self._call(lambda: self.client.zrangebyscore(
             self.k(index), "-inf", top, start=0, num=limit, withscores=True))
-        return [(member.decode(), float(score)) for member, score in rows]
+        return [(member.decode(), float(score)) for member, score in cast(ScoredMembers, rows)]
 
     async def _group(self, queue: str) -> str:
         stream = self.k(f"queue:{queue}")
@@ -115,7 +122,7 @@ class RedisStore:
         stream = await self._group(queue)
         message_id = await self._call(lambda: self.client.xadd(
             stream, {"item": json.dumps(item)}))
-        return message_id.decode()
+        return cast(bytes, message_id).decode()
 
     async def queue_claim(self, queue: str, consumer: str, wait: float
                           ) -> tuple[str, dict[str, Any]] | None:
@@ -124,7 +131,7 @@ class RedisStore:
             "workers", consumer, {stream: ">"}, count=1, block=max(1, int(wait * 1000))))
         if not reply:
             return None
-        message_id, fields = reply[0][1][0]
+        message_id, fields = cast(StreamRead, reply)[0][1][0]
         return message_id.decode(), json.loads(fields[b"item"])
 
     async def queue_ack(self, queue: str, message_id: str) -> None:
