@@ -91,10 +91,15 @@ def check_fields(raw_headers: Sequence[tuple[bytes, bytes]], version: tuple[int,
     return check_host(hosts, version)
 
 
-def check_field(name: bytes, value: bytes) -> None:
-    if not TOKEN.fullmatch(name):
-        raise ProxyError(400, f"Bad Request: invalid header field name {name[:64]!r}",
-                         close=True)
+def check_field(name: bytes, value: bytes, _valid_names: set[bytes] = set()) -> None:  # noqa: B006
+    """A token name (names already seen valid are remembered: requests repeat the same few),
+    a value that is UTF-8."""
+    if name not in _valid_names:
+        if not TOKEN.fullmatch(name):
+            raise ProxyError(400, f"Bad Request: invalid header field name {name[:64]!r}",
+                             close=True)
+        if len(_valid_names) < 4096:
+            _valid_names.add(name)
     if not value.isascii():
         try:
             value.decode("utf-8")
