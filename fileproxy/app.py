@@ -16,6 +16,7 @@ from fileproxy.core.keys import ADMISSION, CONFIG, LEAN, METRICS, RETRY, SESSION
 from fileproxy.features.tasks import TASKS, TaskManager
 from fileproxy.features.uploads import UPLOADS, Uploads
 from fileproxy.http.headers import parser_limit
+from fileproxy.loops import supervised
 from fileproxy.observability.accesslog import AccessLogger
 from fileproxy.observability.metrics import Metrics
 from fileproxy.policy.admission import Admission
@@ -25,7 +26,7 @@ from fileproxy.policy.retry import RetryPolicy
 from fileproxy.server.admin import add_admin_routes
 from fileproxy.server.aiohttp_server import defer_expect, proxy_handler, route_every_target
 from fileproxy.server.fastpath import FastServer
-from fileproxy.state import STORE, open_store
+from fileproxy.state import STORE, open_store, warn_if_evicting
 from fileproxy.upstream.aiohttp_client import make_session
 from fileproxy.upstream.lean import LeanPool
 
@@ -48,11 +49,12 @@ async def state_and_tasks(app: web.Application) -> AsyncIterator[None]:
     """The state store (Redis or memory) and this worker's share of running async tasks."""
     config = app[CONFIG]
     store = app[STORE] = open_store(config.redis_url, config.state_prefix)
+    await warn_if_evicting(store)
     manager = app[TASKS] = TaskManager(config, store, functools.partial(sent_later, app),
                                        app[METRICS])
     uploads = app[UPLOADS] = Uploads(config, store, manager, app[METRICS])
     runners = [asyncio.create_task(manager.run_forever()),
-               asyncio.create_task(uploads.sweep_forever())]
+               asyncio.create_task(supervised("upload sweep", uploads.sweep_forever))]
     yield
     for runner in runners:
         runner.cancel()
@@ -62,10 +64,11 @@ async def state_and_tasks(app: web.Application) -> AsyncIterator[None]:
 
 async def background_tasks(app: web.Application) -> AsyncIterator[None]:
     """The worker's periodic jobs: metrics sampling every second, active health checks."""
-    tasks = [asyncio.create_task(refresh_metrics_forever(app))]
+    tasks = [asyncio.create_task(supervised("metrics refresh",
+                                            functools.partial(refresh_metrics_forever, app)))]
     if app[CONFIG].health_check_path:
         checker = HealthChecker(app[CONFIG], app[UPSTREAMS], app[SESSION])
-        tasks.append(asyncio.create_task(checker.run()))
+        tasks.append(asyncio.create_task(supervised("health checks", checker.run)))
     yield
     for task in tasks:
         task.cancel()

@@ -264,8 +264,9 @@ class Config:
     retry_backoff_max: float = setting(2.0, parse_seconds, "longest wait before a retry",
                                        metavar="SECONDS")
     retry_statuses: tuple[int, ...] = setting(
-        (502, 503, 504), parse_status,
-        "upstream statuses that count as failures (retried when safe, and for the breaker)",
+        (), parse_status,
+        "upstream statuses that count as failures (retried when safe, and for the breaker); "
+        "none by default: an upstream's own answer is passed on as it is",
         metavar="CODES", repeat=True)
     retry_budget: float = setting(0.2, parse_ratio,
                                   "retries may be at most this share of recent requests",

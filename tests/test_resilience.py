@@ -73,7 +73,7 @@ async def test_connect_error_is_retried_on_the_other_upstream(origin, make_proxy
 async def test_retry_status_goes_to_another_upstream_for_idempotent_requests(origin, make_proxy,
                                                                              client):
     async with RawServer(lambda _request: UNAVAILABLE) as busy:
-        proxy = await make_proxy(busy.url, origin.url,
+        proxy = await make_proxy(busy.url, origin.url, retry_statuses=(503,),
                                  retry_backoff_factor=0.01)
         for _ in range(4):
             assert (await timed_get(client, f"{proxy.url}/status/200"))[0] == 200
@@ -81,7 +81,7 @@ async def test_retry_status_goes_to_another_upstream_for_idempotent_requests(ori
 
 async def test_post_whose_body_was_sent_is_not_retried(origin, make_proxy, client):
     async with RawServer(lambda _request: UNAVAILABLE) as busy:
-        proxy = await make_proxy(busy.url, origin.url,
+        proxy = await make_proxy(busy.url, origin.url, retry_statuses=(503,),
                                  retry_backoff_factor=0.01, balance="least_in_flight")
         async with client.post(f"{proxy.url}/echo/order", data=b"pay once") as response:
             assert response.status == 503 and await response.read() == b"busy"
@@ -92,7 +92,7 @@ async def test_post_whose_body_was_sent_is_not_retried(origin, make_proxy, clien
 async def test_breaker_opens_fails_fast_and_closes_again(make_proxy, client):
     failing = {"on": True}
     async with RawServer(lambda _r: UNAVAILABLE if failing["on"] else OK) as flaky:
-        proxy = await make_proxy(flaky.url, circuit_breaker_threshold=3,
+        proxy = await make_proxy(flaky.url, circuit_breaker_threshold=3, retry_statuses=(503,),
                                  circuit_breaker_timeout=0.5, max_retries=0)
         for _ in range(3):
             assert (await timed_get(client, f"{proxy.url}/x"))[0] == 503

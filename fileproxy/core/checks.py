@@ -11,10 +11,8 @@ from yarl import URL
 
 from fileproxy.config import Config
 from fileproxy.http.errors import ProxyError
-from fileproxy.http.targets import check_dot_segments
+from fileproxy.http.targets import TOKEN, check_dot_segments
 
-# RFC 9110 5.6.2: a token (method, field name).
-TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # RFC 9112 3: method SP request-target SP HTTP-version CRLF, single spaces, no control bytes.
 REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e\x80-\xff]+ HTTP/[0-9]\.[0-9]\r\n")
 SUPPORTED_VERSIONS = frozenset({(1, 0), (1, 1)})

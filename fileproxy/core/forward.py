@@ -120,9 +120,11 @@ async def send_with_retries(app: web.Application, outgoing: Outgoing,
                             body: ForwardedBody | None, exchange: Exchange,
                             timeout: aiohttp.ClientTimeout | None = None,
                             interim: Interim | None = None) -> tuple[Upstream, UpstreamResponse]:
-    """One attempt per upstream while the policy allows: connect errors, resets before headers and
-    the retry statuses count against the upstream's breaker and are retried when safe, on another
-    upstream when there is one. Returns the upstream, still counted in flight, and its response.
+    """One attempt per upstream while the policy allows: transport failures (connect errors,
+    resets and timeouts before headers) and the statuses the operator listed count against the
+    upstream's breaker and are retried when safe, on another upstream when there is one (after a
+    timeout only there: the same upstream would only make the client wait as long again).
+    Returns the upstream, still counted in flight, and its response.
     (Async tasks run through here too, with a stored body.)"""
     upstreams, policy = app[UPSTREAMS], app[RETRY]
     policy.budget.record_request()
@@ -140,18 +142,22 @@ async def send_with_retries(app: web.Application, outgoing: Outgoing,
             upstream.record(failed=True)
             app[METRICS].upstream_error(upstream.authority, error.kind)
             if not policy.may_retry(exchange.retries, reached_upstream=error.reached_upstream,
-                                    method=outgoing.method, **body_state(body)):
+                                    method=outgoing.method, timed_out=error.kind == "timeout",
+                                    another_upstream=upstreams.has_another(tried),
+                                    **body_state(body)):
                 raise
         except BaseException:
-            upstream.end()
+            upstream.abandon()  # cancelled before an answer: a half-open probe slot goes back
             raise
         else:
             failed = response.status in policy.statuses
             upstream.record(failed)
             if failed:
                 app[METRICS].upstream_error(upstream.authority, f"status_{response.status}")
-            if not failed or not policy.may_retry(exchange.retries, reached_upstream=True,
-                                                  method=outgoing.method, **body_state(body)):
+            if not failed or not policy.may_retry(
+                    exchange.retries, reached_upstream=True, method=outgoing.method,
+                    timed_out=False, another_upstream=upstreams.has_another(tried),
+                    **body_state(body)):
                 return upstream, response
             response.release()
             upstream.end()

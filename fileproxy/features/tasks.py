@@ -22,10 +22,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from fileproxy.config import Config, parse_seconds
+from fileproxy.features.spoolfile import SpoolFile, move, read_chunks, remove
 from fileproxy.http.clientbody import client_body
 from fileproxy.http.errors import ProxyError
 from fileproxy.http.headers import Outgoing
 from fileproxy.http.responses import QuietResponse, json_response
+from fileproxy.loops import supervised
 from fileproxy.observability.metrics import Metrics
 from fileproxy.policy.balancing import Upstream
 from fileproxy.state import StateStore, StateUnavailable
@@ -36,6 +38,10 @@ QUEUE, INDEX = "tasks", "tasks:index"
 PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED = (
     "pending", "processing", "completed", "failed", "cancelled")
 FINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+INTERRUPTED = ("interrupted: its worker stopped while the upstream had the request, and a "
+               "request that is not idempotent and has no Idempotency-Key is not sent twice")
+# RFC 9110 9.2.2; a request with an Idempotency-Key lets the origin drop a duplicate.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 CHUNK = 256 * 1024
 
 
@@ -78,28 +84,27 @@ class Spill:
         self.limit, self.path = limit, path
         self.kept: list[bytes] = []
         self.size = 0
-        self.file: Any = None
+        self.file: SpoolFile | None = None
 
     @property
     def spilled(self) -> bool:
         return self.file is not None
 
-    def write(self, chunk: bytes) -> None:
+    async def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.file is None and self.size > self.limit:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
-            self.file.write(b"".join(self.kept))
+            self.file = await SpoolFile.open(self.path, "wb")
+            await self.file.write(b"".join(self.kept))
             self.kept.clear()
         if self.file is not None:
-            self.file.write(chunk)
+            await self.file.write(chunk)
         else:
             self.kept.append(chunk)
 
-    def close(self) -> bytes | None:
+    async def close(self) -> bytes | None:
         """The bytes kept in memory, or None when they went to the file."""
         if self.file is not None:
-            self.file.close()
+            await self.file.close()
             return None
         return b"".join(self.kept)
 
@@ -119,10 +124,9 @@ class StoredBody(ForwardedBody):
             await writer.write(self._data or b"")
             self.body_bytes = len(self._data or b"")
             return
-        with open(self._path, "rb") as handle:
-            while chunk := handle.read(CHUNK):
-                await writer.write(chunk)
-                self.body_bytes += len(chunk)
+        async for chunk in read_chunks(self._path):
+            await writer.write(chunk)
+            self.body_bytes += len(chunk)
 
 
 # Handed over by the request path: admission, then one request sent (upstream choice, retries,
@@ -185,8 +189,7 @@ class TaskManager:
         into the task spool."""
         task = Task(secrets.token_urlsafe(24), method, target, headers, None, client,
                     body_size=size, body_spooled=True)
-        self.spool.mkdir(parents=True, exist_ok=True)
-        os.replace(path, self.spool_path(task.id, "body"))
+        await move(path, self.spool_path(task.id, "body"))
         await self.save(task)
         await self.store.index_add(INDEX, task.id, task.created)
         await self.store.queue_push(QUEUE, {"task_id": task.id})
@@ -200,7 +203,7 @@ class TaskManager:
         async with self.keeper(task, "body") as keep:
             async for chunk in client_body(request, self.config.client_timeout):
                 task.body_size += len(chunk)
-                keep.write(chunk)
+                await keep.write(chunk)
         task.body_spooled = keep.spilled
 
     @contextlib.asynccontextmanager
@@ -210,17 +213,20 @@ class TaskManager:
         try:
             yield keep
         finally:
-            kept = keep.close()
+            kept = await keep.close()
         if kept is not None:
             await self.store.set(f"task:{task.id}:{kind}", kept, ttl=self.config.task_ttl)
 
     # -- running (every worker)
 
     async def run_forever(self) -> None:
-        runners = [asyncio.create_task(self.claim_and_run()) for _ in range(
-            self.config.task_concurrency)]
-        runners.append(asyncio.create_task(self.reclaim_forever()))
-        runners.append(asyncio.create_task(self.sample_queue_forever()))
+        """This worker's runners, the reclaim of dead workers' tasks and the queue sampling,
+        each supervised (a failure is logged and the loop starts again)."""
+        loops = [(f"task runner {n}", self.claim_and_run)
+                 for n in range(1, self.config.task_concurrency + 1)]
+        loops += [("task reclaim", self.reclaim_forever), ("task queue sampling",
+                                                          self.sample_queue_forever)]
+        runners = [asyncio.create_task(supervised(name, run)) for name, run in loops]
         try:
             await asyncio.gather(*runners)
         finally:
@@ -255,7 +261,9 @@ class TaskManager:
 
     async def run_claimed(self, message_id: str, item: dict[str, Any]) -> None:
         task = await self.load(item["task_id"])
-        if task is not None and task.status not in FINAL:
+        if task is not None and task.status == PROCESSING and not safe_to_repeat(task):
+            await self.interrupted(task)
+        elif task is not None and task.status not in FINAL:
             runner = asyncio.create_task(self.execute(task))
             self.running[task.id] = runner
             try:
@@ -265,18 +273,23 @@ class TaskManager:
         await self.store.queue_ack(QUEUE, message_id)
 
     async def supervise(self, task_id: str, message_id: str, runner: asyncio.Task[None]) -> None:
-        """Keep the claim fresh while it runs; stop it when someone cancelled the task."""
-        while not runner.done():
-            await asyncio.wait({runner}, timeout=1.0)
-            if runner.done():
-                break
-            with contextlib.suppress(StateUnavailable):
-                await self.store.queue_touch(QUEUE, self.consumer, message_id)
-                current = await self.load(task_id)
-                if current is None or current.status == CANCELLED:
-                    runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await runner
+        """Keep the claim fresh while it runs; stop it when someone cancelled the task, or when
+        this worker stops (then it goes back to the queue, when running it again is safe)."""
+        try:
+            while not runner.done():
+                await asyncio.wait({runner}, timeout=1.0)
+                if runner.done():
+                    break
+                with contextlib.suppress(StateUnavailable):
+                    await self.store.queue_touch(QUEUE, self.consumer, message_id)
+                    current = await self.load(task_id)
+                    if current is None or current.status == CANCELLED:
+                        runner.cancel()
+        finally:
+            if not runner.done():
+                runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(runner)  # (its record is saved before this returns)
 
     async def execute(self, task: Task) -> None:
         task.status, task.started, task.attempts = PROCESSING, time.time(), task.attempts + 1
@@ -297,13 +310,20 @@ class TaskManager:
             task.status = COMPLETED
         except asyncio.CancelledError:
             # A user's cancel marked the record first (kept below); otherwise this worker is
-            # stopping: the task goes back to pending and its unacked claim is taken over.
-            task.status, task.error = PENDING, "interrupted; it will run again"
+            # stopping: the task goes back to pending and its unacked claim is taken over, when
+            # sending it again is safe.
+            if safe_to_repeat(task):
+                task.status, task.error = PENDING, "interrupted; it will run again"
+            else:
+                task.status, task.error = FAILED, INTERRUPTED
             raise
         except ProxyError as error:
             task.status, task.error = FAILED, error.message
         except (aiohttp.ClientError, TimeoutError) as error:
             task.status, task.error = FAILED, f"upstream body cut short: {error!r}"
+        except Exception as error:  # a task that cannot run ends, with its reason
+            log.exception("task %s failed", task.id)
+            task.status, task.error = FAILED, f"could not be run: {error!r}"
         finally:
             metrics.tasks_running.dec()
             task.finished = time.time()
@@ -313,6 +333,14 @@ class TaskManager:
                     task.status = CANCELLED
                 await self.save(task)
             metrics.tasks.labels(task.status).inc()
+
+    async def interrupted(self, task: Task) -> None:
+        """A task whose worker died while the upstream had its request, which is not safe to
+        send twice: it ends failed, saying so."""
+        task.status, task.error, task.finished = FAILED, INTERRUPTED, time.time()
+        await self.save(task)
+        self.metrics.tasks.labels(FAILED).inc()
+        log.warning("task %s (%s %s) %s", task.id, task.method, task.target, INTERRUPTED)
 
     async def sample_queue(self) -> None:
         """For the metrics: the queue length and the upload spool, read from the store."""
@@ -336,7 +364,7 @@ class TaskManager:
         async with self.keeper(task, "result") as keep:
             async for chunk in response.content.iter_chunked(CHUNK):
                 task.bytes_received += len(chunk)
-                keep.write(chunk)
+                await keep.write(chunk)
                 if task.bytes_received - reported >= 4 * CHUNK:  # progress for the status call
                     reported = task.bytes_received
                     with contextlib.suppress(StateUnavailable):
@@ -347,9 +375,8 @@ class TaskManager:
 
     async def result_body(self, task: Task) -> AsyncIterator[bytes]:
         if task.result_spooled:
-            with open(self.spool_path(task.id, "result"), "rb") as handle:
-                while chunk := handle.read(CHUNK):
-                    yield chunk
+            async for chunk in read_chunks(self.spool_path(task.id, "result")):
+                yield chunk
         else:
             yield await self.store.get(f"task:{task.id}:result") or b""
 
@@ -364,8 +391,7 @@ class TaskManager:
         await self.store.delete(f"task:{task_id}", f"task:{task_id}:body",
                                 f"task:{task_id}:result")
         await self.store.index_remove(INDEX, task_id)
-        for kind in ("body", "result"):
-            self.spool_path(task_id, kind).unlink(missing_ok=True)
+        await remove(*(self.spool_path(task_id, kind) for kind in ("body", "result")))
 
     async def listing(self, status: str | None, limit: int) -> list[dict[str, Any]]:
         found = []
@@ -384,6 +410,12 @@ class TaskManager:
         for task_id, _ in old:
             await self.remove(task_id)
         return len(old)
+
+
+def safe_to_repeat(task: Task) -> bool:
+    """May the task's request reach the upstream a second time?"""
+    return task.method in IDEMPOTENT_METHODS or any(
+        name.lower() == "idempotency-key" for name, _ in task.headers)
 
 
 def task_unavailable(error: StateUnavailable) -> QuietResponse:

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,11 +21,13 @@ from typing import Any
 from aiohttp import web
 
 from fileproxy.config import Config
+from fileproxy.features.spoolfile import SpoolFile, create_empty, remove
 from fileproxy.features.tasks import TaskManager
-from fileproxy.http.clientbody import client_body
+from fileproxy.http.clientbody import ClientStalled, client_body
 from fileproxy.http.errors import ProxyError
 from fileproxy.http.responses import QuietResponse
-from fileproxy.http.targets import origin_form_path
+from fileproxy.http.targets import check_method, check_value, origin_form_path
+from fileproxy.loops import uncancelled
 from fileproxy.observability.metrics import Metrics
 from fileproxy.state import Locked, LockHandle, StateStore, StateUnavailable
 
@@ -118,18 +119,21 @@ class Uploads:
                                 f"{self.config.upload_max_size} bytes")
         if await self.spool_in_use() + length > self.config.upload_spool_quota:
             raise TusError(507, "Insufficient Storage: the upload spool is full; retry later")
-        metadata = parse_metadata(request.headers.get("Upload-Metadata", ""))
+        header = request.headers.get("Upload-Metadata", "")
+        if len(header) > self.config.max_header_size:
+            raise TusError(431, f"Request Header Fields Too Large: Upload-Metadata over "
+                                f"{self.config.max_header_size} bytes")
+        metadata = parse_metadata(header)
         if not metadata.get("target"):
             raise TusError(400, "Bad Request: Upload-Metadata needs `target`, the upstream path "
                                 "the finished file goes to")
         try:
-            origin_form_path(metadata["target"])
+            check_deliverable(metadata)
         except ProxyError as error:
-            raise TusError(error.status, f"{error.message} (Upload-Metadata `target`)") from None
+            raise TusError(error.status, f"{error.message} (Upload-Metadata)") from None
         upload = Upload(secrets.token_urlsafe(24), length, metadata,
                         expires=time.time() + self.config.upload_ttl)
-        self.spool.mkdir(parents=True, exist_ok=True)
-        self.path(upload.id).touch()
+        await create_empty(self.path(upload.id))
         await self.store.incr("uploads:spool-bytes", length)
         await self.save(upload)
         await self.store.index_add(INDEX, upload.id, upload.expires)
@@ -162,47 +166,65 @@ class Uploads:
     async def write_chunk(self, request: web.Request, upload: Upload, digest: Any,
                           expected: bytes | None, lock: LockHandle) -> Upload:
         """The lock is short (a crashed worker must not hold an upload for long) and extended
-        while bytes keep coming; a PATCH that stalled past it and lost it stops writing (423)."""
-        start, extended, owned = upload.offset, time.monotonic(), True
-        with open(self.path(upload.id), "r+b") as handle:
-            handle.seek(start)
+        while bytes keep coming; a PATCH that stalled past it and lost it stops writing (423).
+        Without a checksum, what arrived is kept however the PATCH ends; with one, all or
+        nothing."""
+        start, extended, keep = upload.offset, time.monotonic(), digest is None
+        stalled = False
+        handle = await SpoolFile.open(self.path(upload.id), "r+b")
+        try:
+            await handle.seek(start)
             try:
-                async for chunk in client_body(request, self.config.client_timeout):
+                async for chunk in client_body(request, self.config.client_timeout,
+                                               close_on_stall=False):
                     if time.monotonic() - extended > self.config.upload_lock_ttl / 3:
                         try:
                             await lock.extend()
                         except Locked:
-                            owned = False  # the new holder's offset is not ours to write
+                            keep = False  # the new holder's offset is not ours to write
                             raise TusError(423, "Locked: this PATCH stalled and another took "
                                                 "the upload over") from None
                         extended = time.monotonic()
                     if upload.offset + len(chunk) > upload.length:
                         raise TusError(413, "Request Entity Too Large: more bytes than "
                                             "Upload-Length")
-                    handle.write(chunk)
+                    await handle.write(chunk)
                     if digest is not None:
                         digest.update(chunk)
                     upload.offset += len(chunk)
                     if digest is None and upload.offset - start >= 8 * CHUNK:
                         await self.persist(handle, upload)
                         start = upload.offset
-            except BaseException:
+            except BaseException as error:
                 upload.broken = True
+                stalled = isinstance(error, ClientStalled)
                 raise
-            finally:
-                if digest is None and owned and await still_held(lock):
-                    await self.persist(handle, upload)  # what arrived before a drop is kept
             if digest is not None:
                 if digest.digest() != expected:
-                    handle.truncate(start)
+                    await handle.truncate(start)
                     raise TusError(460, "Checksum Mismatch: the chunk was discarded")
-                await self.persist(handle, upload)
+                keep = True
+        finally:
+            # A client that left cancels this handler: what arrived is kept all the same, while
+            # this PATCH still holds the upload's lock.
+            await uncancelled(self.settle(handle, upload, lock, keep))
+            if stalled and request.transport is not None:
+                request.transport.close()  # (once what arrived is kept: a HEAD then sees it)
         return upload
 
-    async def persist(self, handle: Any, upload: Upload) -> None:
+    async def settle(self, handle: SpoolFile, upload: Upload, lock: LockHandle,
+                     keep: bool) -> None:
+        """After a PATCH: what it wrote is kept (fsync, then the offset) while this PATCH still
+        holds the upload, and the file is closed."""
+        try:
+            if keep and await still_held(lock):
+                await self.persist(handle, upload)
+        finally:
+            await handle.close()
+
+    async def persist(self, handle: SpoolFile, upload: Upload) -> None:
         """fsync first, then advance the stored offset: a crash never reports unkept bytes."""
-        handle.flush()
-        os.fsync(handle.fileno())
+        await handle.sync()
         await self.save(upload)
 
     async def terminate(self, upload: Upload) -> None:
@@ -211,7 +233,7 @@ class Uploads:
         await self.store.index_remove(INDEX, upload.id)
         if upload.task_id is None:  # a delivered upload's file belongs to its task now
             await self.store.incr("uploads:spool-bytes", -upload.length)
-            self.path(upload.id).unlink(missing_ok=True)
+            await remove(self.path(upload.id))
 
     async def sweep(self) -> int:
         """Expired uploads give their spool space back (run every minute by each worker)."""
@@ -233,6 +255,15 @@ class Uploads:
     def count(self, event: str) -> None:
         if self.metrics is not None:
             self.metrics.uploads.labels(event).inc()
+
+
+def check_deliverable(metadata: dict[str, str]) -> None:
+    """What the finished upload's delivery will send must be sendable: checked at creation, so
+    that no delivery can fail for its metadata later (or wedge a runner)."""
+    origin_form_path(metadata["target"])
+    check_method(metadata.get("method", "PUT").upper())
+    for key, value in metadata.items():
+        check_value(f"`{key}`", value)
 
 
 def check_version(request: web.Request) -> None:

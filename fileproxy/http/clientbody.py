@@ -15,10 +15,12 @@ class ClientStalled(ConnectionError):
     """The client sent no body byte for the client timeout; its connection has been closed."""
 
 
-async def client_body(request: web.Request, timeout: float) -> AsyncIterator[bytes]:
+async def client_body(request: web.Request, timeout: float,
+                      close_on_stall: bool = True) -> AsyncIterator[bytes]:
     """The body in the pieces it arrives in. A client silent for `timeout` seconds mid-body
     (0: no limit) has its connection closed, as nginx's client_body_timeout does, so a stalled
-    upload cannot hold a slot, an upstream connection or an upload lock for ever."""
+    upload cannot hold a slot, an upstream connection or an upload lock for ever (the caller
+    closes it itself, after keeping what arrived, with `close_on_stall` False)."""
     content = request.content
     while True:
         try:
@@ -27,7 +29,7 @@ async def client_body(request: web.Request, timeout: float) -> AsyncIterator[byt
         except TimeoutError:
             log.info("%s %s: the client sent no body bytes for %g s; closing its connection",
                      request.method, request.path, timeout)
-            if request.transport is not None:
+            if close_on_stall and request.transport is not None:
                 request.transport.close()
             raise ClientStalled(f"no body bytes for {timeout:g} s") from None
         if not chunk:

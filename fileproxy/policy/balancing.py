@@ -58,6 +58,12 @@ class Upstream:
         if self.breaker is not None:
             self.breaker.record(failed)
 
+    def abandon(self) -> None:
+        """The attempt ended without an outcome (cancelled): its breaker slot is given back."""
+        self.in_flight -= 1
+        if self.breaker is not None:
+            self.breaker.release()
+
     def usable(self) -> bool:
         """Healthy and not ejected by its breaker (peeks; allow() does the accounting)."""
         breaker = self.breaker
@@ -125,6 +131,10 @@ class Upstreams:
         chosen = max(candidates, key=lambda u: u.current)
         chosen.current -= total
         return chosen
+
+    def has_another(self, tried: set[Upstream]) -> bool:
+        """Is there a usable upstream not tried yet?"""
+        return any(u.usable() and u not in tried for u in self.members)
 
     def none_available(self) -> ProxyError:
         waits = [u.breaker.retry_after() for u in self.members if u.healthy and u.breaker]

@@ -46,6 +46,13 @@ class CircuitBreaker:
             return True
         return False
 
+    def release(self) -> None:
+        """A request let through that ended without an outcome (its client left, it was
+        cancelled or timed out before an answer): a probe's slot is given back, the state
+        stays as it is."""
+        if self.state == HALF_OPEN:
+            self.probes_in_flight = max(0, self.probes_in_flight - 1)
+
     def retry_after(self) -> float:
         """Seconds until this breaker lets a probe through (0 when it already would)."""
         if self.state != OPEN:

@@ -64,11 +64,15 @@ class RetryPolicy:
                                      self.backoff_factor * 2 ** (retry_number - 1)))
 
     def may_retry(self, retries_so_far: int, *, reached_upstream: bool, method: str,
-                  has_body: bool, body_sent: bool, replayable: bool) -> bool:
+                  timed_out: bool, another_upstream: bool, has_body: bool, body_sent: bool,
+                  replayable: bool) -> bool:
         """Only when safe (RFC 9110 9.2.2): the upstream never got the request, or the method is
         idempotent, or the request's body has not been sent; and only when the body can be sent
-        again (none, not a byte sent yet, or stored)."""
+        again (none, not a byte sent yet, or stored). After a timeout, only on another upstream:
+        retrying the same one would multiply the client's wait."""
         if retries_so_far >= self.max_retries or (body_sent and not replayable):
+            return False
+        if timed_out and not another_upstream:
             return False
         body_unsent = has_body and not body_sent
         if reached_upstream and method not in IDEMPOTENT and not body_unsent:

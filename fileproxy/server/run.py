@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -54,7 +55,7 @@ def run_gunicorn(config: Config) -> int:
 @contextlib.contextmanager
 def shared_state(config: Config) -> Iterator[Config]:
     """Several workers must share state: without --redis-url, start a private redis-server on a
-    unix socket for this run (no persistence); without redis-server, run one worker and say so.
+    unix socket for this run (PrivateRedis); without redis-server, run one worker and say so.
     Never several workers whose state disagrees."""
     if config.workers == 1 or config.redis_url:
         yield config
@@ -65,24 +66,70 @@ def shared_state(config: Config) -> Iterator[Config]:
         yield config.replace(workers=1)
         return
     run_dir = Path(tempfile.mkdtemp(prefix="fileproxy-run-"))
-    sock = run_dir / "redis.sock"
-    redis = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", str(sock),
-                              "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
-                              "--dir", str(run_dir)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)  # our process group: it goes when we go
+    keeper = PrivateRedis(run_dir)
     owner = os.getpid()
     try:
-        wait_for_socket(sock, redis)
-        print(f"fileproxy: {config.workers} workers share a private redis-server at {sock}",
-              file=sys.stderr, flush=True)
-        yield config.replace(redis_url=f"unix://{sock}")
+        keeper.start()
+        print(f"fileproxy: {config.workers} workers share a private redis-server at "
+              f"{keeper.socket} (append-only file in {run_dir})", file=sys.stderr, flush=True)
+        yield config.replace(redis_url=f"unix://{keeper.socket}")
     finally:
         # gunicorn's workers are forked inside this block and unwind through it when they
         # exit: only the master stops the shared redis-server.
         if os.getpid() == owner:
-            redis.terminate()
-            redis.wait(10)
+            keeper.stop()
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+class PrivateRedis:
+    """The run's redis-server on a unix socket, with an append-only file (fsync every second) in
+    the run directory; the master starts it again if it dies, and it reloads what it kept."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.socket = run_dir / "redis.sock"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.stopping = threading.Event()
+        self.watcher = threading.Thread(target=self.keep_running, name="private-redis",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self.process = self.spawn()
+        wait_for_socket(self.socket, self.process)
+        self.watcher.start()
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            ["redis-server", "--port", "0", "--unixsocket", str(self.socket),
+             "--unixsocketperm", "700", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
+             "--dir", str(self.run_dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # our process group
+
+    def keep_running(self) -> None:
+        delay = 0.2
+        while True:
+            assert self.process is not None
+            code = self.process.wait()
+            if self.stopping.is_set():
+                return
+            print(f"fileproxy: the private redis-server exited ({code}); starting it again",
+                  file=sys.stderr, flush=True)
+            if self.stopping.wait(delay):
+                return
+            delay = min(delay * 2, 10.0)
+            self.process = self.spawn()
+            if self.stopping.is_set():  # (stop() may have missed this one)
+                self.process.terminate()
+                return
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+        if self.watcher.is_alive():
+            self.watcher.join(5)
 
 
 def wait_for_socket(path: Path, process: subprocess.Popen[bytes], seconds: float = 10) -> None:

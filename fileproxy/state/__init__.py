@@ -1,13 +1,29 @@
 """Shared state: a small protocol (values with TTL, counters, locks, an index, a work queue) with an
 in-memory backend (one process) and a Redis backend (several workers and instances)."""
 
+import logging
+
 from aiohttp import web
 
 from fileproxy.state.base import Locked, LockHandle, StateStore, StateUnavailable
 
-__all__ = ["STORE", "LockHandle", "Locked", "StateStore", "StateUnavailable", "open_store"]
+__all__ = ["STORE", "LockHandle", "Locked", "StateStore", "StateUnavailable", "open_store",
+           "warn_if_evicting"]
 
 STORE = web.AppKey("store", StateStore)
+log = logging.getLogger("fileproxy.state")
+
+
+async def warn_if_evicting(store: StateStore) -> None:
+    """A Redis that evicts keys under memory pressure can drop task and upload records: say so
+    once at start-up (maxmemory-policy noeviction is what fileproxy needs)."""
+    try:
+        policy = await store.eviction_policy()
+    except StateUnavailable:
+        return
+    if policy not in (None, "noeviction"):
+        log.warning("Redis maxmemory-policy is %s: under memory pressure Redis may drop task and "
+                    "upload records; set maxmemory-policy noeviction (and persistence on)", policy)
 
 
 def open_store(redis_url: str, prefix: str) -> StateStore:

@@ -70,4 +70,9 @@ class StateStore(Protocol):
         """Items not yet acked."""
         ...
 
+    async def eviction_policy(self) -> str | None:
+        """How the store drops keys under memory pressure (Redis' maxmemory-policy), None when
+        it never does or cannot say."""
+        ...
+
     async def close(self) -> None: ...

@@ -147,5 +147,8 @@ class MemoryStore:
         target = self._queue(queue)
         return len(target.waiting) + len(target.claimed)
 
+    async def eviction_policy(self) -> str | None:
+        return None
+
     async def close(self) -> None:
         return None

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import LockError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -15,6 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from fileproxy.state.base import Locked, StateUnavailable
 
 T = TypeVar("T")
+log = logging.getLogger("fileproxy.state.redis")
 DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 
 # redis-py types a reply for every protocol and decoding at once (bytes or str; RESP2 or RESP3
@@ -42,8 +46,12 @@ class RedisStore:
 
     def __init__(self, url: str, prefix: str = "fileproxy") -> None:
         self.prefix = prefix
-        self.client = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=None,
-                                              health_check_interval=15)
+        # A command on a pooled connection that a Redis restart closed is sent again on a new one
+        # (a few quick tries), so the first request after a restart does not fail.
+        self.client = aioredis.Redis.from_url(
+            url, socket_connect_timeout=2, socket_timeout=None, health_check_interval=15,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
+            retry_on_error=[RedisConnectionError])
         self._groups: set[str] = set()
 
     def k(self, key: str) -> str:
@@ -124,10 +132,24 @@ class RedisStore:
             stream, {"item": json.dumps(item)}))
         return cast(bytes, message_id).decode()
 
+    async def _on_stream(self, queue: str, operation: Callable[[str], Awaitable[T]]) -> T:
+        """`operation` on the queue's stream. A Redis that lost the stream or its group
+        (restarted empty, flushed: NOGROUP) gets them created again by whichever worker sees it
+        first, and the operation runs once more."""
+        stream = await self._group(queue)
+        try:
+            return await self._call(lambda: operation(stream))
+        except ResponseError as error:
+            if "NOGROUP" not in str(error):
+                raise
+            log.warning("Redis lost the queue %s (restarted empty?): creating it again", stream)
+            self._groups.discard(stream)
+            stream = await self._group(queue)
+            return await self._call(lambda: operation(stream))
+
     async def queue_claim(self, queue: str, consumer: str, wait: float
                           ) -> tuple[str, dict[str, Any]] | None:
-        stream = await self._group(queue)
-        reply = await self._call(lambda: self.client.xreadgroup(
+        reply = await self._on_stream(queue, lambda stream: self.client.xreadgroup(
             "workers", consumer, {stream: ">"}, count=1, block=max(1, int(wait * 1000))))
         if not reply:
             return None
@@ -135,31 +157,36 @@ class RedisStore:
         return message_id.decode(), json.loads(fields[b"item"])
 
     async def queue_ack(self, queue: str, message_id: str) -> None:
-        stream = await self._group(queue)
-
-        async def ack() -> None:
+        async def ack(stream: str) -> None:
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.xack(stream, "workers", message_id)
                 pipe.xdel(stream, message_id)
                 await pipe.execute()
 
-        await self._call(ack)
+        await self._on_stream(queue, ack)
 
     async def queue_reclaim(self, queue: str, consumer: str, idle: float
                             ) -> list[tuple[str, dict[str, Any]]]:
-        stream = await self._group(queue)
-        reply = await self._call(lambda: self.client.xautoclaim(
+        reply = await self._on_stream(queue, lambda stream: self.client.xautoclaim(
             stream, "workers", consumer, min_idle_time=int(idle * 1000), count=100))
         return [(mid.decode(), json.loads(fields[b"item"])) for mid, fields in reply[1] if fields]
 
     async def queue_touch(self, queue: str, consumer: str, message_id: str) -> None:
-        stream = await self._group(queue)
-        await self._call(lambda: self.client.xclaim(stream, "workers", consumer, 0, [message_id],
-                                                    justid=True))
+        await self._on_stream(queue, lambda stream: self.client.xclaim(
+            stream, "workers", consumer, 0, [message_id], justid=True))
 
     async def queue_length(self, queue: str) -> int:
         stream = await self._group(queue)
         return int(await self._call(lambda: self.client.xlen(stream)))
+
+    async def eviction_policy(self) -> str | None:
+        """maxmemory-policy, or None where CONFIG is not allowed (managed Redis services)."""
+        try:
+            reply = await self._call(lambda: self.client.config_get("maxmemory-policy"))
+        except ResponseError:
+            return None
+        value = cast(dict[bytes, bytes], reply).get(b"maxmemory-policy")
+        return value.decode() if value is not None else None
 
     async def close(self) -> None:
         await self.client.aclose()
