@@ -356,6 +356,11 @@ class Config:
     upload_delivery_wait: float = setting(5.0, parse_seconds,
                                           "how long the final PATCH waits for the upstream's "
                                           "answer before returning", metavar="SECONDS")
+    upload_delivery_backoff: float = setting(
+        1.0, positive(parse_seconds),
+        "a finished upload the upstream did not accept (no answer, 408, 425, 429, 5xx) is sent "
+        "again after this long, doubling up to 60 s, until it is accepted or the upload expires",
+        metavar="SECONDS")
     splice: bool = setting(True, parse_bool,
                            "relay large Content-Length bodies zero-copy with splice (Linux), both ways")
     fast_path: bool = setting(True, parse_bool,

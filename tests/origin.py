@@ -248,7 +248,7 @@ def build_origin() -> web.Application:
     app.router.add_get("/flaky/{size}", flaky_bytes_handler)
     app.router.add_route("*", "/echo{tail:.*}", echo_handler)
     app.router.add_route("*", "/status/{code}", status_handler)
-    app.router.add_get("/slow-headers", slow_headers_handler)
+    app.router.add_route("*", "/slow-headers", slow_headers_handler)
     app.router.add_get("/slow-body", slow_body_handler)
     app.router.add_get("/truncate", truncate_handler)
     app.router.add_get("/stall", stall_handler)

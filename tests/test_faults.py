@@ -180,3 +180,153 @@ async def test_upload_metadata_over_the_header_limit_is_refused(origin, make_pro
             **TUS, "Upload-Length": "3",
             "Upload-Metadata": metadata(target="/x", note="n" * 5000)}) as response:
         assert response.status == 431
+
+
+class Flaky:
+    """A raw upstream that drops the first `drops` requests without answering, then answers."""
+
+    def __init__(self, drops: int, answer: bytes) -> None:
+        self.drops, self.answer = drops, answer
+
+    def __call__(self, _request) -> bytes | None:
+        if self.drops:
+            self.drops -= 1
+            return None
+        return self.answer
+
+
+async def upload_whole(client, proxy, body: bytes, **meta: str) -> str:
+    """creation-with-upload: one POST with every byte; the delivery task's status URL."""
+    async with client.post(f"{proxy.url}/_fileproxy/uploads", data=body, headers={
+            **TUS, "Upload-Length": str(len(body)), "Content-Type": "application/offset+octet-stream",
+            "Upload-Metadata": metadata(target="/files/a", **meta)}) as response:
+        assert response.status == 201, await response.text()
+        return proxy.url + response.headers["Fileproxy-Delivery"]
+
+
+async def final_record(client, status_url: str, seconds: float = 20) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        async with client.get(status_url) as response:
+            record = await response.json()
+        if record["status"] in ("completed", "failed"):
+            return record
+        assert time.monotonic() < deadline, record
+        await asyncio.sleep(0.05)
+
+
+async def test_an_acknowledged_upload_is_delivered_after_upstream_failures(make_proxy, client):
+    """The upstream resets the delivery twice: it is sent again (with backoff) until accepted,
+    once, byte-exact, with the upload's Idempotency-Key."""
+    flaky = Flaky(2, b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    async with RawServer(flaky) as upstream:
+        proxy = await make_proxy(upstream.url, upload_delivery_backoff=0.05,
+                                 upload_delivery_wait=0, max_retries=0,
+                                 circuit_breaker_threshold=100)
+        body = b"payload " * 1000
+        record = await final_record(client, await upload_whole(client, proxy, body))
+        assert record["status"] == "completed" and record["upstream_status"] == 201
+        assert record["attempts"] >= 2 and len(upstream.requests) == 3
+        answered = [r for r in upstream.requests if r.body]
+        assert len(answered) == 1 and answered[0].body == body
+        assert b"idempotency-key: " in answered[0].head.lower()
+        async with client.get(f"{proxy.url}/_fileproxy/metrics") as response:
+            assert 'fileproxy_uploads_total{event="delivered"} 1.0' in await response.text()
+
+
+async def test_a_delivery_the_upstream_refuses_fails_and_says_why(make_proxy, client, caplog):
+    caplog.set_level(logging.WARNING, "fileproxy.features.tasks")
+    refuse = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"
+    async with RawServer(lambda _: refuse) as upstream:
+        proxy = await make_proxy(upstream.url, upload_delivery_backoff=0.05,
+                                 upload_delivery_wait=0)
+        record = await final_record(client, await upload_whole(client, proxy, b"abc"))
+        assert record["status"] == "failed" and "403" in record["error"]
+        assert len(upstream.requests) == 1, "a refusal is not a reason to try again"
+        async with client.get(f"{proxy.url}/_fileproxy/metrics") as response:
+            assert 'fileproxy_uploads_total{event="delivery_failed"} 1.0' in await response.text()
+    assert any("failed for good" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_delivery_stops_trying_when_the_upload_expires(make_proxy, client):
+    async with RawServer(lambda _: None) as upstream:  # never answers: always reset
+        proxy = await make_proxy(upstream.url, upload_delivery_backoff=0.2, upload_ttl=1,
+                                 upload_delivery_wait=0, max_retries=0,
+                                 circuit_breaker_threshold=100)
+        record = await final_record(client, await upload_whole(client, proxy, b"abc"))
+        assert record["status"] == "failed" and record["attempts"] >= 2
+        assert record["finished"] - record["created"] < 2
+
+
+async def test_ready_is_503_while_the_only_upstream_has_its_circuit_open(origin, make_proxy,
+                                                                         client):
+    proxy = await make_proxy(origin.url, circuit_breaker_threshold=1, circuit_breaker_timeout=0.2)
+    breaker = proxy.app[UPSTREAMS].members[0].breaker
+    async with client.get(f"{proxy.url}/truncate?size=100000&send=10") as response:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    await wait_for(lambda: breaker.state == OPEN)
+    await wait_for(lambda: breaker.retry_after() == 0)  # a probe could go: still not ready
+    async with client.get(f"{proxy.url}/_fileproxy/ready") as response:
+        assert response.status == 503
+        assert (await response.json())["upstreams"][origin.url.split("//")[1]]["circuit"] == OPEN
+
+
+async def test_metrics_carry_the_prometheus_content_type(origin, make_proxy, client):
+    proxy = await make_proxy(origin.url)
+    async with client.get(f"{proxy.url}/_fileproxy/metrics") as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=")
+
+
+async def test_an_async_submit_with_expect_gets_its_continue_at_once(origin, make_proxy):
+    proxy = await make_proxy(origin.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"POST /echo/task HTTP/1.1\r\nHost: t\r\nPrefer: respond-async\r\n"
+                 b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5)
+    assert interim.startswith(b"HTTP/1.1 100 Continue")
+    writer.write(b"hello")
+    final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert final.startswith(b"HTTP/1.1 202 ")
+    writer.close()
+
+
+async def test_client_aborts_are_not_counted_as_failures(origin, make_proxy, client):
+    proxy = await make_proxy(origin.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /bytes/50000000 HTTP/1.1\r\nHost: t\r\n\r\n")
+    await reader.readexactly(100_000)
+    writer.transport.abort()  # the client leaves mid-body
+
+    async def requests() -> dict:
+        async with client.get(f"{proxy.url}/_fileproxy/stats") as response:
+            return (await response.json())["requests"]
+
+    deadline = time.monotonic() + 10
+    while "client_aborted" not in (counted := await requests())["by_outcome"]:
+        assert time.monotonic() < deadline, counted
+        await asyncio.sleep(0.05)
+    assert counted["failed"] == 0
+
+
+async def test_bytes_in_count_upload_and_task_bodies(origin, make_proxy, client):
+    proxy = await make_proxy(origin.url, upload_delivery_wait=0)
+    await upload_whole(client, proxy, b"u" * 3000)
+    async with client.post(f"{proxy.url}/echo/t", data=b"t" * 2000,
+                           headers={"Prefer": "respond-async"}) as response:
+        assert response.status == 202
+    async with client.get(f"{proxy.url}/_fileproxy/stats") as response:
+        assert (await response.json())["bytes"]["in"] >= 5000
+
+
+async def test_the_task_list_needs_an_admin_token_with_the_bearer_scheme(origin, make_proxy,
+                                                                         client):
+    open_proxy = await make_proxy(origin.url)
+    async with client.get(f"{open_proxy.url}/_fileproxy/tasks") as response:
+        assert response.status == 403, "no token configured: no listing of capabilities"
+    proxy = await make_proxy(origin.url, admin_token="s3cret")
+    for authorization, status in (("s3cret", 401), ("Basic s3cret", 401),
+                                  ("Bearer s3cret", 200), ("bearer s3cret", 200)):
+        async with client.get(f"{proxy.url}/_fileproxy/tasks",
+                              headers={"Authorization": authorization}) as response:
+            assert response.status == status, authorization

@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 
 import psutil
+import pytest
 
 from tests.conftest import GunicornProxy
 from tests.pattern import pattern, pattern_sha256
@@ -162,9 +163,15 @@ def test_without_redis_server_it_runs_one_worker_and_says_so(origin_process: str
         stop(process)
 
 
-def test_task_survives_its_worker_being_killed(origin_process: str):
+@pytest.mark.parametrize(("method", "headers", "ends"), [
+    ("GET", {}, "completed"),
+    ("POST", {"Idempotency-Key": "order-17"}, "completed"),
+    ("POST", {}, "failed"),
+], ids=["idempotent-runs-again", "idempotency-key-runs-again", "post-is-not-sent-twice"])
+def test_task_survives_its_worker_being_killed(origin_process: str, method, headers, ends):
     """SIGKILL the gunicorn workers while a task runs: new workers take its claim over after the
-    visibility timeout and the task completes."""
+    visibility timeout; the task runs again when that is safe (an idempotent method, or an
+    Idempotency-Key the origin can drop a duplicate by), else it ends failed: interrupted."""
     import os
     import signal
     import sys
@@ -178,8 +185,9 @@ def test_task_survives_its_worker_being_killed(origin_process: str):
          f"127.0.0.1:{port}", "--workers", "2", "--no-access-log",
          "--task-visibility-timeout", "1"], f"{url}/_fileproxy/health")
     try:
-        request = urllib.request.Request(f"{url}/slow-headers?delay=2",
-                                         headers={"Prefer": "respond-async"})
+        request = urllib.request.Request(f"{url}/slow-headers?delay=2", method=method,
+                                         data=b"x" if method == "POST" else None,
+                                         headers={"Prefer": "respond-async", **headers})
         with urllib.request.urlopen(request) as response:
             status_url = response.headers["Location"]
         for _ in range(100):
@@ -196,11 +204,14 @@ def test_task_survives_its_worker_being_killed(origin_process: str):
                 record = get_json(url + status_url)
             except OSError:
                 pass  # no worker up for a moment
-            if record.get("status") == "completed":
+            if record.get("status") in ("completed", "failed"):
                 break
             time.sleep(0.05)
-        assert record.get("status") == "completed" and record["upstream_status"] == 200
-        assert record["attempts"] >= 2
+        assert record.get("status") == ends, record
+        if ends == "completed":
+            assert record["upstream_status"] == 200 and record["attempts"] >= 2
+        else:
+            assert record["attempts"] == 1 and record["error"].startswith("interrupted")
     finally:
         stop(process)
 

@@ -11,6 +11,7 @@ import pytest
 from fileproxy.features.tasks import TASKS
 from tests.pattern import pattern_sha256
 
+ADMIN = {"Authorization": "Bearer s3cret"}
 ASYNC = {"Prefer": "respond-async"}
 
 
@@ -121,7 +122,8 @@ async def test_redis_down_tasks_503_plain_proxying_works(origin, make_proxy, cli
 
 
 async def test_tasks_expire_and_can_be_cleaned_up(origin, make_proxy, client, redis_server):
-    proxy = await make_proxy(origin.url, task_ttl=0.5, **redis_settings(redis_server))
+    proxy = await make_proxy(origin.url, task_ttl=0.5, admin_token="s3cret",
+                             **redis_settings(redis_server))
     async with client.get(f"{proxy.url}/status/200", headers=ASYNC) as response:
         status_url = (await response.json())["status_url"]
     await wait_status(client, proxy.url + status_url, {"completed"})
@@ -130,7 +132,8 @@ async def test_tasks_expire_and_can_be_cleaned_up(origin, make_proxy, client, re
         assert response.status == 404
     async with client.get(f"{proxy.url}/status/200", headers=ASYNC) as response:
         assert response.status == 202
-    async with client.delete(f"{proxy.url}/_fileproxy/tasks?older_than=0s") as response:
+    async with client.delete(f"{proxy.url}/_fileproxy/tasks?older_than=0s",
+                             headers=ADMIN) as response:
         assert (await response.json())["removed"] >= 1
 
 
@@ -152,7 +155,7 @@ async def test_a_task_whose_worker_stopped_runs_again_elsewhere(origin, make_pro
 
 async def test_listing_metrics_full_queue_and_a_spooled_body(origin, make_proxy, client, tmp_path):
     proxy = await make_proxy(origin.url, task_inline_max=64 * 1024, spool_dir=str(tmp_path),
-                             task_queue_size=2, task_concurrency=1)
+                             task_queue_size=2, task_concurrency=1, admin_token="s3cret")
     big = b"B" * (2 * 1024 * 1024 + 1)
     async with client.put(f"{proxy.url}/echo/big", data=big, headers=ASYNC) as response:
         big_url = (await response.json())["status_url"]
@@ -165,9 +168,10 @@ async def test_listing_metrics_full_queue_and_a_spooled_body(origin, make_proxy,
             assert response.status == 202
     async with client.get(f"{proxy.url}/status/200", headers=ASYNC) as response:
         assert response.status == 503 and response.headers["Retry-After"]
-    async with client.get(f"{proxy.url}/_fileproxy/tasks?status=completed&limit=10") as response:
+    async with client.get(f"{proxy.url}/_fileproxy/tasks?status=completed&limit=10",
+                          headers=ADMIN) as response:
         listed = (await response.json())["tasks"]
     assert [t["status_url"] for t in listed] == [big_url]
-    async with client.get(f"{proxy.url}/_fileproxy/stats") as response:
+    async with client.get(f"{proxy.url}/_fileproxy/stats", headers=ADMIN) as response:
         tasks = (await response.json())["tasks"]
     assert tasks["submitted"] == 3 and tasks["completed"] == 1 and tasks["running"] == 1

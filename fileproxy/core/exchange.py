@@ -33,7 +33,9 @@ class Exchange:
     ttfb: float | None = None  # seconds until the response headers went to the client
     retries: int = 0
     status: int = 0
-    outcome: str = "ok"  # ok, refused, rejected, upstream_error, aborted
+    # ok, refused (4xx for the request itself), rejected (admission), upstream_error, aborted
+    # (cut short by the upstream or a timeout), client_aborted (the client left or stalled)
+    outcome: str = "ok"
     detail: str = ""
 
     def fail(self, error: ProxyError) -> None:
@@ -53,7 +55,12 @@ class Exchange:
         self.bytes_out = response_bytes(response)
         aborted = getattr(response, "aborted", None)
         if aborted:
-            self.outcome, self.detail = "aborted", aborted
+            client = getattr(response, "fault", None) == "client"
+            self.outcome, self.detail = ("client_aborted" if client else "aborted"), aborted
+
+
+# Outcomes that are not fileproxy's or the upstream's failure.
+NOT_FAILURES = frozenset({"ok", "refused", "client_aborted"})
 
 
 def response_bytes(response: Any) -> int:

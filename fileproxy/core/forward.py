@@ -82,6 +82,9 @@ async def serve_request(app: web.Application, request: ServedRequest, side: Clie
     except ProxyError as error:
         exchange.fail(error)
         return side.error(error, exchange.request_id)
+    except asyncio.CancelledError:  # the client went away (its connection closed)
+        exchange.outcome, exchange.detail = "client_aborted", "client went away"
+        raise
     finally:
         metrics.finished(exchange, time.monotonic() - exchange.started)
 

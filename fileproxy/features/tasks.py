@@ -40,6 +40,9 @@ PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED = (
 FINAL = frozenset({COMPLETED, FAILED, CANCELLED})
 INTERRUPTED = ("interrupted: its worker stopped while the upstream had the request, and a "
                "request that is not idempotent and has no Idempotency-Key is not sent twice")
+# A delivery answered with one of these (or 5xx, or not at all) is tried again.
+RETRYABLE_STATUSES = frozenset({408, 425, 429})
+DELIVERY_BACKOFF_MAX = 60.0
 # RFC 9110 9.2.2; a request with an Idempotency-Key lets the origin drop a duplicate.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 CHUNK = 256 * 1024
@@ -66,6 +69,7 @@ class Task:
     bytes_received: int = 0
     result_spooled: bool = False
     result_headers: list[list[str]] = field(default_factory=list)
+    deliver_until: float | None = None  # an upload's delivery: tried again until then
 
     def public(self, status_url: str) -> dict[str, Any]:
         return {"task_id": self.id, "status": self.status, "status_url": status_url,
@@ -184,11 +188,11 @@ class TaskManager:
                                                   "Preference-Applied": "respond-async"})
 
     async def submit_file(self, method: str, target: str, headers: list[list[str]], path: Path,
-                          size: int, client: str) -> Task:
+                          size: int, client: str, deliver_until: float) -> Task:
         """Queue a request whose body is a finished file (a completed upload): the file moves
-        into the task spool."""
+        into the task spool; it is sent until the upstream accepts it or `deliver_until`."""
         task = Task(secrets.token_urlsafe(24), method, target, headers, None, client,
-                    body_size=size, body_spooled=True)
+                    body_size=size, body_spooled=True, deliver_until=deliver_until)
         await move(path, self.spool_path(task.id, "body"))
         await self.save(task)
         await self.store.index_add(INDEX, task.id, task.created)
@@ -292,22 +296,16 @@ class TaskManager:
                 await asyncio.shield(runner)  # (its record is saved before this returns)
 
     async def execute(self, task: Task) -> None:
-        task.status, task.started, task.attempts = PROCESSING, time.time(), task.attempts + 1
-        await self.save(task)
+        """Run the task's request (a delivery again and again, with backoff, until the upstream
+        accepts it or the upload expires) and keep the answer; the record says how it ended."""
+        task.status, task.started = PROCESSING, time.time()
         metrics = self.metrics
         metrics.tasks_running.inc()
-        headers = CIMultiDict((name, value) for name, value in task.headers)
-        outgoing = Outgoing(task.method, task.target, headers,
-                            task.body_size > 0 or task.method not in ("GET", "HEAD"), task.host)
-        body = await self.stored_body(task) if outgoing.has_body else None
         try:
-            async with self.send(outgoing, body, f"task-{task.id[:8]}", self.task_timeout(),
-                                 task.client) as (upstream, response):
-                task.upstream, task.upstream_status = upstream.authority, response.status
-                task.result_headers = [[k, v] for k, v in response.headers.items()
-                                       if k.lower() not in ("transfer-encoding",)]
-                await self.keep_result(task, response)
-            task.status = COMPLETED
+            error = await self.attempts_until_done(task)
+            task.status, task.error = (FAILED, error) if error else (COMPLETED, None)
+            if task.deliver_until is not None:
+                self.delivered(task)
         except asyncio.CancelledError:
             # A user's cancel marked the record first (kept below); otherwise this worker is
             # stopping: the task goes back to pending and its unacked claim is taken over, when
@@ -317,10 +315,6 @@ class TaskManager:
             else:
                 task.status, task.error = FAILED, INTERRUPTED
             raise
-        except ProxyError as error:
-            task.status, task.error = FAILED, error.message
-        except (aiohttp.ClientError, TimeoutError) as error:
-            task.status, task.error = FAILED, f"upstream body cut short: {error!r}"
         except Exception as error:  # a task that cannot run ends, with its reason
             log.exception("task %s failed", task.id)
             task.status, task.error = FAILED, f"could not be run: {error!r}"
@@ -333,6 +327,61 @@ class TaskManager:
                     task.status = CANCELLED
                 await self.save(task)
             metrics.tasks.labels(task.status).inc()
+
+    async def attempts_until_done(self, task: Task) -> str | None:
+        """Attempts while a delivery may try again; the last one's error, if it failed."""
+        while True:
+            task.attempts += 1
+            await self.save(task)
+            error = await self.attempt(task)
+            if task.deliver_until is not None and error is None and not accepted(task):
+                error = f"the upstream answered {task.upstream_status}"
+            delay = self.config.upload_delivery_backoff * 2 ** (task.attempts - 1)
+            delay = min(delay, DELIVERY_BACKOFF_MAX)
+            if not self.deliver_again(task, error, delay):
+                return error
+            task.error = f"attempt {task.attempts} failed ({error}); again in {delay:g} s"
+            log.warning("delivery task %s (%s %s): %s", task.id, task.method, task.target,
+                        task.error)
+            await self.save(task)
+            await asyncio.sleep(delay)
+
+    async def attempt(self, task: Task) -> str | None:
+        """One send; None when the upstream answered (its answer is kept), else why not."""
+        headers = CIMultiDict((name, value) for name, value in task.headers)
+        outgoing = Outgoing(task.method, task.target, headers,
+                            task.body_size > 0 or task.method not in ("GET", "HEAD"), task.host)
+        body = await self.stored_body(task) if outgoing.has_body else None
+        try:
+            async with self.send(outgoing, body, f"task-{task.id[:8]}", self.task_timeout(),
+                                 task.client) as (upstream, response):
+                task.upstream, task.upstream_status = upstream.authority, response.status
+                task.result_headers = [[k, v] for k, v in response.headers.items()
+                                       if k.lower() not in ("transfer-encoding",)]
+                await self.keep_result(task, response)
+        except ProxyError as error:
+            return error.message
+        except (aiohttp.ClientError, TimeoutError) as error:
+            return f"upstream body cut short: {error!r}"
+        return None
+
+    @staticmethod
+    def deliver_again(task: Task, error: str | None, delay: float) -> bool:
+        """A delivery not yet accepted, for a reason that may pass, tries again while the
+        upload has not expired."""
+        if task.deliver_until is None or error is None or time.time() + delay > task.deliver_until:
+            return False
+        return task.upstream_status is None or task.upstream_status in RETRYABLE_STATUSES \
+            or task.upstream_status >= 500
+
+    def delivered(self, task: Task) -> None:
+        """How a finished upload's delivery ended: a log line and a metric when it failed."""
+        if task.status == FAILED:
+            log.warning("upload delivery %s (%s %s) failed for good after %d attempts: %s",
+                        task.id, task.method, task.target, task.attempts, task.error)
+            self.metrics.uploads.labels("delivery_failed").inc()
+        else:
+            self.metrics.uploads.labels("delivered").inc()
 
     async def interrupted(self, task: Task) -> None:
         """A task whose worker died while the upstream had its request, which is not safe to
@@ -410,6 +459,11 @@ class TaskManager:
         for task_id, _ in old:
             await self.remove(task_id)
         return len(old)
+
+
+def accepted(task: Task) -> bool:
+    """A delivery's answer that means the upstream took the file."""
+    return task.upstream_status is not None and task.upstream_status < 400
 
 
 def safe_to_repeat(task: Task) -> bool:
@@ -501,7 +555,8 @@ def store_errors_as_503(handler: Any) -> Any:
 
 
 def add_task_routes(app: web.Application, prefix: str, guarded: Any) -> None:
-    """The task id is the capability to read a task; listing and cleanup need the admin token."""
+    """The task id is the capability to read a task; listing and cleanup need the admin token
+    (`admin_only` refuses them when none is set)."""
     routes = app.router
     routes.add_get(f"{prefix}/tasks/{{task_id}}", store_errors_as_503(task_status))
     routes.add_get(f"{prefix}/tasks/{{task_id}}/result", store_errors_as_503(task_result))

@@ -140,13 +140,15 @@ class Uploads:
         self.count("created")
         return upload
 
-    async def append(self, request: web.Request, upload: Upload) -> Upload:
+    async def append(self, request: web.Request, upload: Upload,
+                     creating: bool = False) -> Upload:
         """Write the PATCH body at the upload's offset, fsync'd; a checksum mismatch (460)
-        discards the chunk. Concurrent PATCHes to one upload: the loser gets 423."""
+        discards the chunk. Concurrent PATCHes to one upload: the loser gets 423. The body of a
+        creation-with-upload POST is a PATCH at offset 0 (it need not say Upload-Offset)."""
         check_version(request)
         if request.content_type != OFFSET_TYPE:
             raise TusError(415, f"Unsupported Media Type: PATCH bodies are {OFFSET_TYPE}")
-        offset = request.headers.get("Upload-Offset", "")
+        offset = request.headers.get("Upload-Offset", "0" if creating else "")
         if not offset.isdigit() or int(offset) != upload.offset:
             raise TusError(409, f"Conflict: Upload-Offset must be {upload.offset}")
         digest, expected = checksum_of(request.headers.get("Upload-Checksum"))
@@ -169,8 +171,8 @@ class Uploads:
         while bytes keep coming; a PATCH that stalled past it and lost it stops writing (423).
         Without a checksum, what arrived is kept however the PATCH ends; with one, all or
         nothing."""
-        start, extended, keep = upload.offset, time.monotonic(), digest is None
-        stalled = False
+        first = start = upload.offset
+        extended, keep, stalled = time.monotonic(), digest is None, False
         handle = await SpoolFile.open(self.path(upload.id), "r+b")
         try:
             await handle.seek(start)
@@ -208,6 +210,8 @@ class Uploads:
             # A client that left cancels this handler: what arrived is kept all the same, while
             # this PATCH still holds the upload's lock.
             await uncancelled(self.settle(handle, upload, lock, keep))
+            if self.metrics is not None:
+                self.metrics.received(upload.offset - first)
             if stalled and request.transport is not None:
                 request.transport.close()  # (once what arrived is kept: a HEAD then sees it)
         return upload
@@ -323,7 +327,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     upload = await uploads.create(request)
     headers = tus_headers(Location=uploads.url(upload.id), **expires_header(upload))
     if request.body_exists and request.content_type == OFFSET_TYPE:  # creation-with-upload
-        upload = await uploads.append(request, upload)
+        upload = await uploads.append(request, upload, creating=True)
         headers["Upload-Offset"] = str(upload.offset)
         headers.update(await finish_if_complete(request, uploads, upload))
     return QuietResponse(status=201, headers=headers)
@@ -363,12 +367,14 @@ async def finish_if_complete(request: web.Request, uploads: Uploads,
         return {}
     tasks = uploads.tasks
     metadata = upload.metadata
+    # Delivered at least once (tried again until accepted or expired): the upload's id as
+    # Idempotency-Key lets the origin recognise a repeat.
     headers = [[name, value] for name, value in
                (("Content-Type", metadata.get("filetype", "application/octet-stream")),
-                ("Content-Length", str(upload.length)))]
+                ("Content-Length", str(upload.length)), ("Idempotency-Key", upload.id))]
     task = await tasks.submit_file(metadata.get("method", "PUT").upper(), metadata["target"],
                                    headers, uploads.path(upload.id), upload.length,
-                                   request.remote or "-")
+                                   request.remote or "-", deliver_until=upload.expires)
     await uploads.store.incr("uploads:spool-bytes", -upload.length)
     upload.task_id = task.id
     await uploads.save(upload)

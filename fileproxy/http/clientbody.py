@@ -11,6 +11,20 @@ from aiohttp import web
 log = logging.getLogger("fileproxy.http.clientbody")
 
 
+CONTINUED = web.RequestKey("continued", bool)
+
+
+async def send_100_continue(request: web.Request) -> None:
+    """A client that sent `Expect: 100-continue` is told to send its body (once): when the
+    upstream asks for it, or when fileproxy itself takes the body (an async task, an upload)."""
+    if request.get(CONTINUED):
+        return
+    request[CONTINUED] = True
+    if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+
+
 class ClientStalled(ConnectionError):
     """The client sent no body byte for the client timeout; its connection has been closed."""
 
@@ -21,6 +35,7 @@ async def client_body(request: web.Request, timeout: float,
     (0: no limit) has its connection closed, as nginx's client_body_timeout does, so a stalled
     upload cannot hold a slot, an upstream connection or an upload lock for ever (the caller
     closes it itself, after keeping what arrived, with `close_on_stall` False)."""
+    await send_100_continue(request)
     content = request.content
     while True:
         try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fileproxy.compat import connector_sizes, histogram_add
-from fileproxy.observability.accesslog import Exchange
+from fileproxy.core.exchange import NOT_FAILURES, Exchange
 from fileproxy.policy.breaker import STATES
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by gunicorn.conf.py before workers start
@@ -204,6 +204,10 @@ class Metrics:
         tally.bytes_out += exchange.bytes_out
         tally.retries += exchange.retries
 
+    def received(self, body_bytes: int) -> None:
+        """Request body bytes fileproxy took itself (upload PATCHes), outside an exchange."""
+        self.tally.bytes_in += body_bytes
+
     def flush(self) -> None:
         """Move the tally into prometheus, where /metrics and /stats (all workers) read it."""
         tally = self.tally
@@ -321,6 +325,8 @@ def stats(metrics: Metrics) -> dict[str, Any]:
     s = samples_by_name(metrics.collect_registry())
     requests = total(s, "fileproxy_requests_total")
     ok = total(s, "fileproxy_requests_total", outcome="ok")
+    by_outcome = outcome_counts(s)
+    failed = sum(count for outcome, count in by_outcome.items() if outcome not in NOT_FAILURES)
     upstreams: dict[str, dict[str, Any]] = {}
     for sample in s.get("fileproxy_circuit_state", []):
         entry = upstreams.setdefault(sample.labels["upstream"], {"circuit_workers": {}})
@@ -338,11 +344,10 @@ def stats(metrics: Metrics) -> dict[str, Any]:
     latency["max"] = max((x.value for x in s.get("fileproxy_request_duration_max_seconds", [])),
                          default=None)
     return {
-        "requests": {"total": int(requests), "succeeded": int(ok),
-                     "failed": int(requests - ok),
-                     "success_rate": round(ok / requests, 4) if requests else None,
+        "requests": {"total": int(requests), "succeeded": int(ok), "failed": failed,
+                     "success_rate": round(ok / (ok + failed), 4) if ok + failed else None,
                      "per_second": round(total(s, "fileproxy_requests_per_second"), 3),
-                     "by_outcome": outcome_counts(s)},
+                     "by_outcome": by_outcome},
         "latency_seconds": latency,
         "ttfb_seconds": histogram_summary(s, "fileproxy_ttfb_seconds"),
         "bytes": {"in": int(total(s, "fileproxy_request_body_bytes_total")),

@@ -11,7 +11,7 @@ from yarl import URL
 
 from fileproxy.config import Config
 from fileproxy.http.errors import ProxyError
-from fileproxy.policy.breaker import OPEN, BreakerSettings, CircuitBreaker
+from fileproxy.policy.breaker import CLOSED, OPEN, BreakerSettings, CircuitBreaker
 
 
 @dataclass(eq=False)
@@ -145,4 +145,7 @@ class Upstreams:
                           headers={"Retry-After": str(retry_after)}, kind="ejected")
 
     def ready(self) -> bool:
-        return any(u.usable() for u in self.members)
+        """Some upstream is healthy and its circuit closed (an open one, even one about to let a
+        probe through, is not ready: its upstream was failing when last tried)."""
+        return any(u.healthy and (u.breaker is None or u.breaker.state == CLOSED)
+                   for u in self.members)

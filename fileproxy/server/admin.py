@@ -58,9 +58,8 @@ def add_admin_routes(app: web.Application, config: Config, refresh: Refresh) -> 
     async def metrics_text(request: web.Request) -> web.Response:
         refresh(request.app)
         body, content_type = request.app[METRICS].exposition()
-        response = QuietResponse(body=body)
-        response.headers["Content-Type"] = content_type
-        return response
+        # (set before the response is built: QuietResponse keeps only the headers it was given)
+        return QuietResponse(body=body, headers={"Content-Type": content_type})
 
     async def stats_json(request: web.Request) -> QuietResponse:
         refresh(request.app)
@@ -75,7 +74,7 @@ def add_admin_routes(app: web.Application, config: Config, refresh: Refresh) -> 
     # on every server path, answered here.
     app[LEGACY] = {"/stats": guarded(stats_json), "/proxy-metrics": guarded(stats_json),
                    "/proxy-health": guarded(ready)}
-    add_task_routes(app, prefix, guarded)
+    add_task_routes(app, prefix, admin_only)
     add_upload_routes(app, prefix)
     app.router.add_route("*", prefix + "{tail:(/.*)?}", guarded(not_found))
 
@@ -86,11 +85,27 @@ def guarded(handler: AdminHandler) -> AdminHandler:
     async def check_token(request: web.Request) -> web.StreamResponse:
         token = request.app[CONFIG].admin_token
         if token:
-            offered = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(offered.encode(), token.encode()):
+            scheme, _, offered = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or \
+                    not hmac.compare_digest(offered.strip().encode(), token.encode()):
                 return QuietResponse(status=401, text="401 Unauthorized: the admin endpoints "
                                                       "need the admin bearer token\n",
                                      headers={"WWW-Authenticate": 'Bearer realm="fileproxy"'})
         return await handler(request)
 
     return check_token
+
+
+def admin_only(handler: AdminHandler) -> AdminHandler:
+    """Needs the admin token, and is refused when none is set: a task listing holds every
+    task's id, which is the capability to read its result."""
+    with_token = guarded(handler)
+
+    async def check_configured(request: web.Request) -> web.StreamResponse:
+        if not request.app[CONFIG].admin_token:
+            return QuietResponse(status=403, text="403 Forbidden: listing or cleaning up tasks "
+                                                  "needs --admin-token (task ids are "
+                                                  "capabilities)\n")
+        return await with_token(request)
+
+    return check_configured

@@ -46,7 +46,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
 async def submit_task(request: web.Request, outgoing: Outgoing,
                       exchange: Exchange) -> web.StreamResponse:
     try:
-        return await request.app[TASKS].submit(request, outgoing, peer_address(request) or "-")
+        response = await request.app[TASKS].submit(request, outgoing, peer_address(request) or "-")
+        exchange.bytes_in = request.content.total_bytes  # the body, stored for later
+        return response
     except StateUnavailable as error:
         exchange.outcome, exchange.detail = "rejected", str(error)
         return task_unavailable(error)

@@ -310,10 +310,10 @@ class FastConnection(asyncio.Protocol):
             await serve_request(server.app, request, side, exchange, no_body)
             await self.drained_within(server.config.client_timeout)
         except ConnectionError:
-            exchange.outcome, exchange.detail = "aborted", "client went away"
+            exchange.outcome, exchange.detail = "client_aborted", "client went away"
             self.close()
         except asyncio.CancelledError:
-            exchange.outcome, exchange.detail = "aborted", "client went away"
+            exchange.outcome, exchange.detail = "client_aborted", "client went away"
             raise
         finally:
             if server.access is not None:

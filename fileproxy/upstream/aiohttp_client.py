@@ -12,7 +12,7 @@ from aiohttp.payload import Payload
 
 from fileproxy.compat import TransparentClientRequest, mark_consumed
 from fileproxy.config import Config
-from fileproxy.http.clientbody import client_body
+from fileproxy.http.clientbody import client_body, send_100_continue
 from fileproxy.http.errors import (
     upstream_closed_early,
     upstream_connect_timeout,
@@ -114,12 +114,6 @@ class ClientBody(ForwardedBody):
         async for chunk in client_body(request, self._timeouts.source):
             await writer.write(chunk)
             self.body_bytes += len(chunk)
-
-
-async def send_100_continue(request: web.Request) -> None:
-    if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0
 
 
 def close_if_spliced(request: web.Request, response: web.StreamResponse) -> None:
