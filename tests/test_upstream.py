@@ -210,7 +210,7 @@ async def test_a_client_that_takes_no_bytes_is_cut_off(origin, make_proxy, clien
 
     async def aborted() -> int:
         async with client.get(f"{proxy.url}/_fileproxy/stats") as response:
-            return (await response.json())["requests"]["by_outcome"].get("aborted", 0)
+            return (await response.json())["requests"]["by_outcome"].get("client_aborted", 0)
 
     for _ in range(100):
         if await aborted():
