@@ -10,6 +10,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from yarl import URL
 
@@ -78,10 +79,56 @@ def parse_upstream(text: str) -> str:
     return spec
 
 
+SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_PORT = 26379
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db], taken apart:
+    the sentinels to ask, the service (master) name they monitor, and the master's db and
+    credentials (the sentinels themselves are asked without a password)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_sentinel_url(text: str) -> SentinelURL:
+    parts = urlsplit(str(text).strip())
+    if parts.scheme != SENTINEL_SCHEME:
+        raise ValueError(f"expected a {SENTINEL_SCHEME}:// URL")
+    if parts.query or parts.fragment:
+        raise ValueError(f"a {SENTINEL_SCHEME} URL takes no query or fragment")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username = password = None
+    if userinfo:
+        user, has_password, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if has_password else None
+    sentinels = []
+    for address in hosts.split(","):
+        match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^\s:\[\]/]+)(?::(\d{1,5}))?", address.strip())
+        if not match or not 0 < int(match.group(2) or SENTINEL_PORT) < 65536:
+            raise ValueError(f"bad sentinel address {address!r} (expected HOST:PORT)")
+        sentinels.append((match.group(1).strip("[]"), int(match.group(2) or SENTINEL_PORT)))
+    path = parts.path.strip("/").split("/")
+    if not path[0] or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError("expected the service name after the sentinels, then optionally the "
+                         f"db: {SENTINEL_SCHEME}://host:26379/mymaster/0")
+    return SentinelURL(tuple(sentinels), unquote(path[0]), int(path[1]) if len(path) == 2 else 0,
+                       username, password)
+
+
 def parse_redis_url(text: str) -> str:
     url = str(text).strip()
-    if url and not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("expected redis://host:port/db, rediss://... or unix:///path")
+    if url.startswith(f"{SENTINEL_SCHEME}://"):
+        parse_sentinel_url(url)
+    elif url and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("expected redis://host:port/db, rediss://..., unix:///path or "
+                         f"{SENTINEL_SCHEME}://host:port[,host:port...]/service[/db]")
     return url
 
 
@@ -306,9 +353,14 @@ class Config:
                                      "also answer /stats, /proxy-metrics and /proxy-health, as "
                                      "the services fileproxy replaces did")
     # -- shared state and async tasks
-    redis_url: str = setting("", parse_redis_url,
-                             "Redis for state shared by workers and instances (redis://, "
-                             "rediss://, unix://); empty: in-memory, one process", metavar="URL")
+    redis_url: str = setting(
+        "", parse_redis_url,
+        "Redis for state shared by workers and instances (redis://, rediss://, unix://), or a "
+        "master found through Redis Sentinel: redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT"
+        "...]/SERVICE[/DB] (the sentinels' addresses, port 26379 if left out; the service name "
+        "they monitor; PASSWORD is the master's, sentinels are asked without one); after a "
+        "failover the new master is used by itself; empty: in-memory, one process",
+        metavar="URL")
     state_prefix: str = setting("fileproxy", str, "prefix of every key fileproxy stores",
                                 metavar="PREFIX")
     async_route: tuple[str, ...] = setting(
@@ -350,9 +402,11 @@ class Config:
     upload_sweep_interval: float = setting(60.0, positive(parse_seconds),
                                            "how often expired uploads free their spool space",
                                            metavar="SECONDS")
-    upload_lock_ttl: float = setting(30.0, positive(parse_seconds),
-                                     "an upload's PATCH lock, extended while bytes flow; a "
-                                     "crashed worker's lock frees after this", metavar="SECONDS")
+    upload_lock_ttl: float = setting(10.0, positive(parse_seconds),
+                                     "an upload's PATCH lock, kept alive by a heartbeat while "
+                                     "the PATCH runs; a crashed worker's lock frees after this "
+                                     "(a live holder lets go at once when a newer PATCH asks)",
+                                     metavar="SECONDS")
     upload_delivery_wait: float = setting(5.0, parse_seconds,
                                           "how long the final PATCH waits for the upstream's "
                                           "answer before returning", metavar="SECONDS")

@@ -264,7 +264,18 @@ class TaskManager:
                     job.add_done_callback(self.reclaimed.discard)
 
     async def run_claimed(self, message_id: str, item: dict[str, Any]) -> None:
-        task = await self.load(item["task_id"])
+        """Run a claimed task and ack it. When the store goes away meanwhile, the claim stays
+        unacked: whichever worker reclaims it once the store is back decides (run it again when
+        that is safe, else end it interrupted)."""
+        try:
+            await self.run_task(message_id, item["task_id"])
+            await self.store.queue_ack(QUEUE, message_id)
+        except StateUnavailable as error:
+            log.warning("task %s: the state store went away while it ran (%s); it is taken "
+                        "over again once the store is back", item["task_id"], error)
+
+    async def run_task(self, message_id: str, task_id: str) -> None:
+        task = await self.load(task_id)
         if task is not None and task.status == PROCESSING and not safe_to_repeat(task):
             await self.interrupted(task)
         elif task is not None and task.status not in FINAL:
@@ -274,7 +285,6 @@ class TaskManager:
                 await self.supervise(task.id, message_id, runner)
             finally:
                 self.running.pop(task.id, None)
-        await self.store.queue_ack(QUEUE, message_id)
 
     async def supervise(self, task_id: str, message_id: str, runner: asyncio.Task[None]) -> None:
         """Keep the claim fresh while it runs; stop it when someone cancelled the task, or when
@@ -315,6 +325,8 @@ class TaskManager:
             else:
                 task.status, task.error = FAILED, INTERRUPTED
             raise
+        except StateUnavailable:
+            raise  # not the task's fault: it stays claimed and runs again when that is safe
         except Exception as error:  # a task that cannot run ends, with its reason
             log.exception("task %s failed", task.id)
             task.status, task.error = FAILED, f"could not be run: {error!r}"

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from aiohttp import web
 from fileproxy.config import Config
 from fileproxy.features.spoolfile import SpoolFile, create_empty, remove
 from fileproxy.features.tasks import TaskManager
+from fileproxy.features.uploadlock import UploadLock
 from fileproxy.http.clientbody import ClientStalled, client_body
 from fileproxy.http.errors import ProxyError
 from fileproxy.http.responses import QuietResponse
@@ -31,6 +33,7 @@ from fileproxy.loops import uncancelled
 from fileproxy.observability.metrics import Metrics
 from fileproxy.state import Locked, LockHandle, StateStore, StateUnavailable
 
+log = logging.getLogger("fileproxy.features.uploads")
 TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
 CHECKSUMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "md5": hashlib.md5}
@@ -143,7 +146,8 @@ class Uploads:
     async def append(self, request: web.Request, upload: Upload,
                      creating: bool = False) -> Upload:
         """Write the PATCH body at the upload's offset, fsync'd; a checksum mismatch (460)
-        discards the chunk. Concurrent PATCHes to one upload: the loser gets 423. The body of a
+        discards the chunk. A PATCH to an upload another PATCH holds asks that one to let go
+        (UploadLock) and goes on once it did: 423 only when it never does. The body of a
         creation-with-upload POST is a PATCH at offset 0 (it need not say Upload-Offset)."""
         check_version(request)
         if request.content_type != OFFSET_TYPE:
@@ -152,9 +156,9 @@ class Uploads:
         if not offset.isdigit() or int(offset) != upload.offset:
             raise TusError(409, f"Conflict: Upload-Offset must be {upload.offset}")
         digest, expected = checksum_of(request.headers.get("Upload-Checksum"))
+        handover = UploadLock(self.store, upload.id, self.config.upload_lock_ttl)
         try:
-            async with self.store.lock(f"upload:{upload.id}",
-                                       ttl=self.config.upload_lock_ttl) as lock:
+            async with handover.held(lambda why: let_go(request, why)) as lock:
                 upload = await self.load(upload.id)  # the offset as it is now, under the lock
                 if int(offset) != upload.offset:
                     raise TusError(409, f"Conflict: Upload-Offset must be {upload.offset}")
@@ -167,26 +171,17 @@ class Uploads:
 
     async def write_chunk(self, request: web.Request, upload: Upload, digest: Any,
                           expected: bytes | None, lock: LockHandle) -> Upload:
-        """The lock is short (a crashed worker must not hold an upload for long) and extended
-        while bytes keep coming; a PATCH that stalled past it and lost it stops writing (423).
-        Without a checksum, what arrived is kept however the PATCH ends; with one, all or
-        nothing."""
+        """Without a checksum, what arrived is kept however the PATCH ends (the client left or
+        stalled, a newer PATCH took the upload over) while this PATCH holds the lock; with one,
+        all or nothing."""
         first = start = upload.offset
-        extended, keep, stalled = time.monotonic(), digest is None, False
+        keep, stalled = digest is None, False
         handle = await SpoolFile.open(self.path(upload.id), "r+b")
         try:
             await handle.seek(start)
             try:
                 async for chunk in client_body(request, self.config.client_timeout,
                                                close_on_stall=False):
-                    if time.monotonic() - extended > self.config.upload_lock_ttl / 3:
-                        try:
-                            await lock.extend()
-                        except Locked:
-                            keep = False  # the new holder's offset is not ours to write
-                            raise TusError(423, "Locked: this PATCH stalled and another took "
-                                                "the upload over") from None
-                        extended = time.monotonic()
                     if upload.offset + len(chunk) > upload.length:
                         raise TusError(413, "Request Entity Too Large: more bytes than "
                                             "Upload-Length")
@@ -273,6 +268,13 @@ def check_deliverable(metadata: dict[str, str]) -> None:
 def check_version(request: web.Request) -> None:
     if request.headers.get("Tus-Resumable") != TUS_VERSION:
         raise TusError(412, f"Precondition Failed: Tus-Resumable {TUS_VERSION} is required")
+
+
+def let_go(request: web.Request, why: str) -> None:
+    """A PATCH asked to give its upload up ends: its connection closes (what arrived is kept)."""
+    log.info("%s %s: ending this PATCH: %s", request.method, request.path, why)
+    if request.transport is not None:
+        request.transport.close()
 
 
 async def still_held(lock: LockHandle) -> bool:

@@ -27,7 +27,8 @@ async def warn_if_evicting(store: StateStore) -> None:
 
 
 def open_store(redis_url: str, prefix: str) -> StateStore:
-    """Redis when a URL is given (redis://, rediss://, unix://), else the in-memory store."""
+    """Redis when a URL is given (redis://, rediss://, unix://, or redis+sentinel:// for the
+    master Redis Sentinel names), else the in-memory store."""
     if redis_url:
         from fileproxy.state.redis import RedisStore
 

@@ -10,11 +10,13 @@ from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import LockError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from fileproxy.config import SENTINEL_SCHEME, SentinelURL, parse_sentinel_url
 from fileproxy.state.base import Locked, StateUnavailable
 
 T = TypeVar("T")
@@ -40,18 +42,49 @@ class RedisLock:
             raise Locked(self.lock.name) from None
 
 
+class MasterConnection(SentinelManagedConnection):
+    """redis-py's connection to the master the sentinels name, which asks them again whenever it
+    connects. redis-py's own asks only in connect(): a command's retry reconnects (in
+    send_packed_command) with connect_check_health, to the address it had, so a command that
+    failed on a demoted or dead master failed on every retry (redis/redis-py#3874)."""
+
+    _addressed = False  # inside connect_to: the sentinels were just asked
+
+    async def connect_to(self, address: tuple[str, int]) -> None:
+        self._addressed = True
+        try:
+            await super().connect_to(address)
+        finally:
+            self._addressed = False
+
+    async def connect_check_health(self, check_health: bool = True,
+                                   retry_socket_connect: bool = True) -> None:
+        if self.is_connected or self._addressed:
+            await super().connect_check_health(check_health, retry_socket_connect)
+        else:
+            await self.connect()  # the sentinels' master now, then connect_to
+
+
 class RedisStore:
     """Keys live under `prefix:`. Connection loss raises StateUnavailable; redis-py's pool opens a
-    new connection on the next command, so the store recovers by itself when Redis returns."""
+    new connection on the next command, so the store recovers by itself when Redis returns.
+    A redis+sentinel:// URL reaches the master through Redis Sentinel, and the new master after
+    a failover (see sentinel_client)."""
 
     def __init__(self, url: str, prefix: str = "fileproxy") -> None:
         self.prefix = prefix
         # A command on a pooled connection that a Redis restart closed is sent again on a new one
         # (a few quick tries), so the first request after a restart does not fail.
-        self.client = aioredis.Redis.from_url(
-            url, socket_connect_timeout=2, socket_timeout=None, health_check_interval=15,
+        options: dict[str, Any] = dict(
+            socket_connect_timeout=2, socket_timeout=None, health_check_interval=15,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
             retry_on_error=[RedisConnectionError])
+        self.sentinel: Sentinel | None = None
+        self.client: aioredis.Redis
+        if url.startswith(f"{SENTINEL_SCHEME}://"):
+            self.sentinel, self.client = sentinel_client(parse_sentinel_url(url), options)
+        else:
+            self.client = aioredis.Redis.from_url(url, **options)
         self._groups: set[str] = set()
 
     def k(self, key: str) -> str:
@@ -190,3 +223,28 @@ class RedisStore:
 
     async def close(self) -> None:
         await self.client.aclose()
+        if self.sentinel is not None:
+            for sentinel in self.sentinel.sentinels:
+                await sentinel.aclose()
+
+
+def sentinel_client(url: SentinelURL, options: dict[str, Any]) -> tuple[Sentinel, aioredis.Redis]:
+    """The master of `url.service`, found through the sentinels, with the plain client's options.
+
+    redis-py's SentinelConnectionPool asks the sentinels for the master's address each time it
+    opens a connection (and drops idle ones to a master that moved). A connection to a master
+    that died fails (ConnectionError) and one to a master demoted to replica gets READONLY, which
+    SentinelManagedConnection turns into a ConnectionError after disconnecting; either way the
+    store's Retry sends the command again on a new connection, which (MasterConnection) asks
+    the sentinels first: it reaches whichever master they name then. While they name none (a
+    failover takes down-after-milliseconds and a second or two), commands fail as with a plain
+    Redis that is down: StateUnavailable."""
+    sentinels = Sentinel(
+        list(url.sentinels),
+        # Sentinels are asked with short timeouts and one quick retry (a pooled connection a
+        # sentinel restart closed), so one that is down does not hold up asking the next.
+        sentinel_kwargs=dict(socket_connect_timeout=1, socket_timeout=1,
+                             retry=Retry(NoBackoff(), 1)))
+    client = sentinels.master_for(url.service, connection_class=MasterConnection, db=url.db,
+                                  username=url.username, password=url.password, **options)
+    return sentinels, client
