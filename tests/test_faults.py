@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import time
 
@@ -13,6 +14,7 @@ import aiohttp
 import pytest
 
 from fileproxy.core.keys import UPSTREAMS
+from fileproxy.features.uploads import UPLOADS
 from fileproxy.loops import supervised
 from fileproxy.policy.breaker import CLOSED, HALF_OPEN, OPEN
 from tests.conftest import MATRIX, MATRIX_IDS
@@ -330,3 +332,33 @@ async def test_the_task_list_needs_an_admin_token_with_the_bearer_scheme(origin,
         async with client.get(f"{proxy.url}/_fileproxy/tasks",
                               headers={"Authorization": authorization}) as response:
             assert response.status == status, authorization
+
+
+@pytest.mark.parametrize("found_by", ["head", "sweep"])
+async def test_an_upload_complete_without_its_delivery_is_handed_over(origin, make_proxy, client,
+                                                                      found_by):
+    """The state a worker or the store leaves when it dies between keeping the last byte and
+    handing the upload to its delivery: a HEAD (the client asking where it stands) or the sweep
+    hands it over, and the file reaches the upstream once."""
+    proxy = await make_proxy(origin.url, upload_delivery_wait=0,
+                             upload_sweep_interval=0.2 if found_by == "sweep" else 3600)
+    body = b"stranded " * 1000
+    async with client.post(f"{proxy.url}/_fileproxy/uploads", headers={
+            **TUS, "Upload-Length": str(len(body)),
+            "Upload-Metadata": metadata(target="/echo/stranded")}) as response:
+        upload_url = proxy.url + response.headers["Location"]
+    uploads = proxy.app[UPLOADS]
+    upload = await uploads.load(upload_url.rsplit("/", 1)[1])
+    uploads.path(upload.id).write_bytes(body)  # every byte kept, as the PATCH left it ...
+    upload.offset = len(body)
+    await uploads.save(upload)  # ... and its offset recorded, but no delivery handed over
+    if found_by == "head":
+        async with client.head(upload_url, headers=TUS) as response:
+            assert int(response.headers["Upload-Offset"]) == len(body)
+    await wait_for(lambda: len(origin.events("body-complete")) == 1)
+    assert origin.events("body-complete")[0]["sha256"] == hashlib.sha256(body).hexdigest()
+    await asyncio.sleep(0.5)  # (a second sweep or HEAD must not send it again)
+    async with client.head(upload_url, headers=TUS) as response:
+        assert response.status == 200
+    await asyncio.sleep(0.3)
+    assert len(origin.events("body-complete")) == 1

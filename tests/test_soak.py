@@ -18,7 +18,7 @@ def test_a_short_soak_keeps_every_invariant():
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does)")
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.soak", "--duration", "35", "--fault-every", "8",
+        [sys.executable, "-m", "benchmarks.soak", "--duration", "40", "--fault-every", "7",
          "--settle", "40", "--quick"],
         cwd=ROOT, capture_output=True, text=True, timeout=180)
     line = next((line for line in result.stdout.splitlines() if line.startswith("SOAK-JSON ")),

@@ -22,7 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from fileproxy.config import Config, parse_seconds
-from fileproxy.features.spoolfile import SpoolFile, move, read_chunks, remove
+from fileproxy.features.spoolfile import SpoolFile, read_chunks, remove
 from fileproxy.http.clientbody import client_body
 from fileproxy.http.errors import ProxyError
 from fileproxy.http.headers import Outgoing
@@ -70,6 +70,7 @@ class Task:
     result_spooled: bool = False
     result_headers: list[list[str]] = field(default_factory=list)
     deliver_until: float | None = None  # an upload's delivery: tried again until then
+    body_path: str | None = None  # a body spooled elsewhere (a finished upload's file)
 
     def public(self, status_url: str) -> dict[str, Any]:
         return {"task_id": self.id, "status": self.status, "status_url": status_url,
@@ -187,17 +188,23 @@ class TaskManager:
                              status=202, headers={"Location": url,
                                                   "Preference-Applied": "respond-async"})
 
-    async def submit_file(self, method: str, target: str, headers: list[list[str]], path: Path,
-                          size: int, client: str, deliver_until: float) -> Task:
-        """Queue a request whose body is a finished file (a completed upload): the file moves
-        into the task spool; it is sent until the upstream accepts it or `deliver_until`."""
-        task = Task(secrets.token_urlsafe(24), method, target, headers, None, client,
-                    body_size=size, body_spooled=True, deliver_until=deliver_until)
-        await move(path, self.spool_path(task.id, "body"))
-        await self.save(task)
-        await self.store.index_add(INDEX, task.id, task.created)
-        await self.store.queue_push(QUEUE, {"task_id": task.id})
-        self.metrics.tasks.labels("submitted").inc()
+    async def submit_file(self, task_id: str, method: str, target: str,
+                          headers: list[list[str]], path: Path, size: int, client: str,
+                          deliver_until: float) -> Task:
+        """Queue a request whose body is a finished file (a completed upload), which stays where
+        it is; it is sent until the upstream accepts it or `deliver_until`. Idempotent for one
+        `task_id`: submitting again after a crash half way neither loses it nor queues it twice
+        (the queued mark is set once it is in the queue)."""
+        task = await self.load(task_id)
+        if task is None:
+            task = Task(task_id, method, target, headers, None, client, body_size=size,
+                        body_spooled=True, body_path=str(path), deliver_until=deliver_until)
+            await self.save(task)
+            await self.store.index_add(INDEX, task.id, task.created)
+        if not await self.store.get(f"task:{task.id}:queued"):
+            await self.store.queue_push(QUEUE, {"task_id": task.id})
+            await self.store.set(f"task:{task.id}:queued", b"1", ttl=self.config.task_ttl)
+            self.metrics.tasks.labels("submitted").inc()
         return task
 
     async def store_body(self, request: web.Request, task: Task) -> None:
@@ -416,6 +423,8 @@ class TaskManager:
                                      sock_read=self.config.task_read_timeout)
 
     async def stored_body(self, task: Task) -> StoredBody:
+        if task.body_path is not None:
+            return StoredBody(None, Path(task.body_path))
         if task.body_spooled:
             return StoredBody(None, self.spool_path(task.id, "body"))
         return StoredBody(await self.store.get(f"task:{task.id}:body"), None)
@@ -449,10 +458,14 @@ class TaskManager:
             runner.cancel()
 
     async def remove(self, task_id: str) -> None:
+        task = await self.load(task_id)
         await self.store.delete(f"task:{task_id}", f"task:{task_id}:body",
-                                f"task:{task_id}:result")
+                                f"task:{task_id}:result", f"task:{task_id}:queued")
         await self.store.index_remove(INDEX, task_id)
-        await remove(*(self.spool_path(task_id, kind) for kind in ("body", "result")))
+        files = [self.spool_path(task_id, kind) for kind in ("body", "result")]
+        if task is not None and task.body_path is not None:
+            files.append(Path(task.body_path))
+        await remove(*files)
 
     async def listing(self, status: str | None, limit: int) -> list[dict[str, Any]]:
         found = []

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from fileproxy.config import Config
 from fileproxy.features.spoolfile import SpoolFile, create_empty, remove
-from fileproxy.features.tasks import TaskManager
+from fileproxy.features.tasks import Task, TaskManager
 from fileproxy.features.uploadlock import UploadLock
 from fileproxy.http.clientbody import ClientStalled, client_body
 from fileproxy.http.errors import ProxyError
@@ -234,8 +234,45 @@ class Uploads:
             await self.store.incr("uploads:spool-bytes", -upload.length)
             await remove(self.path(upload.id))
 
+    async def finish(self, upload: Upload, client: str) -> Task:
+        """Hand a complete upload to its delivery (an async task whose id follows from the
+        upload's, so doing this again after a crash half way is harmless); its file becomes the
+        task's. The upload's id goes as Idempotency-Key: delivered at least once (tried again
+        until accepted or expired), the origin can recognise a repeat."""
+        metadata = upload.metadata
+        headers = [[name, value] for name, value in
+                   (("Content-Type", metadata.get("filetype", "application/octet-stream")),
+                    ("Content-Length", str(upload.length)), ("Idempotency-Key", upload.id))]
+        task = await self.tasks.submit_file(
+            f"u{upload.id}", metadata.get("method", "PUT").upper(), metadata["target"], headers,
+            self.path(upload.id), upload.length, client, deliver_until=upload.expires)
+        if upload.task_id is None:
+            upload.task_id = task.id
+            await self.save(upload)
+            await self.store.incr("uploads:spool-bytes", -upload.length)
+            self.count("completed")
+        return task
+
+    async def finish_stranded(self) -> int:
+        """Uploads whose every byte is in but whose delivery was never handed over (the worker
+        or the store died between the two): handed over now."""
+        finished = 0
+        for upload_id, _ in await self.store.index_range(INDEX, 100_000):
+            raw = await self.store.get(f"upload:{upload_id}")
+            if raw is None:
+                continue
+            upload = Upload(**json.loads(raw))
+            if upload.offset == upload.length and upload.task_id is None:
+                log.warning("upload %s was complete without a delivery: handing it over now",
+                            upload.id)
+                await self.finish(upload, "-")
+                finished += 1
+        return finished
+
     async def sweep(self) -> int:
-        """Expired uploads give their spool space back (run every minute by each worker)."""
+        """Expired uploads give their spool space back and stranded complete ones are handed to
+        their delivery (run every minute by each worker)."""
+        await self.finish_stranded()
         expired = await self.store.index_range(INDEX, 1000, max_score=time.time())
         for upload_id, _ in expired:
             raw = await self.store.get(f"upload:{upload_id}")
@@ -338,6 +375,8 @@ async def create(request: web.Request) -> web.StreamResponse:
 async def head(request: web.Request) -> web.StreamResponse:
     uploads = uploads_of(request)
     upload = await uploads.load(request.match_info["upload_id"])
+    if upload.offset == upload.length and upload.task_id is None:
+        await uploads.finish(upload, request.remote or "-")  # (its last PATCH was cut short)
     metadata = ",".join(f"{key} {base64.b64encode(value.encode()).decode()}"
                         for key, value in upload.metadata.items())
     return QuietResponse(status=200, headers=tus_headers(
@@ -367,20 +406,8 @@ async def finish_if_complete(request: web.Request, uploads: Uploads,
     what the upstream answered if it answers within --upload-delivery-wait."""
     if upload.offset != upload.length or upload.task_id is not None:
         return {}
+    task = await uploads.finish(upload, request.remote or "-")
     tasks = uploads.tasks
-    metadata = upload.metadata
-    # Delivered at least once (tried again until accepted or expired): the upload's id as
-    # Idempotency-Key lets the origin recognise a repeat.
-    headers = [[name, value] for name, value in
-               (("Content-Type", metadata.get("filetype", "application/octet-stream")),
-                ("Content-Length", str(upload.length)), ("Idempotency-Key", upload.id))]
-    task = await tasks.submit_file(metadata.get("method", "PUT").upper(), metadata["target"],
-                                   headers, uploads.path(upload.id), upload.length,
-                                   request.remote or "-", deliver_until=upload.expires)
-    await uploads.store.incr("uploads:spool-bytes", -upload.length)
-    upload.task_id = task.id
-    await uploads.save(upload)
-    uploads.count("completed")
     answer = {"Fileproxy-Delivery": tasks.status_url(task.id)}
     deadline = time.monotonic() + uploads.config.upload_delivery_wait
     while time.monotonic() < deadline:
