@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import io
 import logging
+import threading
 import time
 
 import aiohttp
 import pytest
 
 from fileproxy.core.keys import UPSTREAMS
+from fileproxy.features.spoolfile import SpoolFile
 from fileproxy.features.uploads import UPLOADS
 from fileproxy.loops import supervised
 from fileproxy.policy.breaker import CLOSED, HALF_OPEN, OPEN
@@ -362,3 +365,40 @@ async def test_an_upload_complete_without_its_delivery_is_handed_over(origin, ma
         assert response.status == 200
     await asyncio.sleep(0.3)
     assert len(origin.events("body-complete")) == 1
+
+
+async def test_spool_writes_and_fsync_run_off_the_event_loop(tmp_path):
+    """Every disk operation of a spool file runs in a worker thread, never the loop's."""
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+
+    class Recording(io.FileIO):
+        def write(self, data):  # type: ignore[override]
+            seen.append(threading.get_ident())
+            return super().write(data)
+
+        def flush(self) -> None:
+            seen.append(threading.get_ident())
+            super().flush()
+
+    spooled = SpoolFile(Recording(tmp_path / "part", "w+b"))  # type: ignore[arg-type]
+    await spooled.write(b"x" * 1024)
+    await spooled.sync()
+    await spooled.close()
+    assert (tmp_path / "part").read_bytes() == b"x" * 1024
+    assert seen and loop_thread not in seen
+
+
+async def test_an_evicting_redis_is_warned_about_at_start(origin, make_proxy, redis_server,
+                                                          caplog):
+    import redis.asyncio as aioredis
+
+    admin = aioredis.Redis.from_url(redis_server.url)
+    await admin.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        caplog.set_level(logging.WARNING, "fileproxy.state")
+        await make_proxy(origin.url, redis_url=redis_server.url)
+        assert any("maxmemory-policy is allkeys-lru" in r.getMessage() for r in caplog.records)
+    finally:
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.aclose()

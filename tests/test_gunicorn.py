@@ -346,3 +346,53 @@ def test_worker_killed_during_patch_resumes_from_what_was_kept(origin_process: s
             assert json.loads(response.read())["body_sha256"] == pattern_sha256(size, seed=8)
     finally:
         stop(process)
+
+
+def test_the_private_redis_keeps_tasks_through_its_own_restart(origin_process: str):
+    """The redis-server `serve` starts for several workers writes an append-only file and is
+    started again by the master when it dies: tasks recorded before survive, new ones run."""
+    import os
+    import signal
+    import sys
+
+    from tests.conftest import free_port, start_process, stop
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_process(
+        [sys.executable, "-m", "fileproxy", "serve", "--upstream", origin_process, "--bind",
+         f"127.0.0.1:{port}", "--workers", "2", "--no-access-log"], f"{url}/_fileproxy/health")
+    try:
+        def submit() -> str:
+            request = urllib.request.Request(f"{url}/status/203",
+                                             headers={"Prefer": "respond-async"})
+            with urllib.request.urlopen(request) as response:
+                return response.headers["Location"]
+
+        def completed(status_url: str) -> dict:
+            for _ in range(400):
+                try:
+                    record = get_json(url + status_url)
+                    if record["status"] == "completed":
+                        return record
+                except OSError:
+                    pass  # (task endpoints answer 503 while the store is away)
+                time.sleep(0.05)
+            raise AssertionError(f"{status_url} did not complete")
+
+        before = submit()
+        assert completed(before)["upstream_status"] == 203
+        time.sleep(1.5)  # appendfsync everysec: on disk within a second
+        redis = next(c for c in psutil.Process(process.pid).children() if "redis" in c.name())
+        os.kill(redis.pid, signal.SIGKILL)
+        for _ in range(200):
+            restarted = [c for c in psutil.Process(process.pid).children()
+                         if "redis" in c.name() and c.pid != redis.pid]
+            if restarted:
+                break
+            time.sleep(0.05)
+        assert restarted, "the master started its redis-server again"
+        assert completed(before)["upstream_status"] == 203, "kept through the restart"
+        assert completed(submit())["upstream_status"] == 203
+    finally:
+        stop(process)

@@ -218,8 +218,10 @@ class RedisStore:
             reply = await self._call(lambda: self.client.config_get("maxmemory-policy"))
         except ResponseError:
             return None
-        value = cast(dict[bytes, bytes], reply).get(b"maxmemory-policy")
-        return value.decode() if value is not None else None
+        # (redis-py decodes CONFIG GET's pairs to str; bytes are accepted too)
+        pairs = cast(dict[str | bytes, str | bytes], reply)
+        value = pairs.get("maxmemory-policy", pairs.get(b"maxmemory-policy"))
+        return value.decode() if isinstance(value, bytes) else value
 
     async def close(self) -> None:
         await self.client.aclose()
