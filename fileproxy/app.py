@@ -25,6 +25,7 @@ from fileproxy.policy.health import HealthChecker
 from fileproxy.policy.retry import RetryPolicy
 from fileproxy.server.admin import add_admin_routes
 from fileproxy.server.aiohttp_server import defer_expect, proxy_handler, route_every_target
+from fileproxy.server.cors import add_cors
 from fileproxy.server.fastpath import FastServer
 from fileproxy.state import STORE, open_store, warn_if_evicting
 from fileproxy.upstream.aiohttp_client import make_session
@@ -99,6 +100,7 @@ def build_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(upstream_session)
     app.cleanup_ctx.append(background_tasks)
     app.cleanup_ctx.append(state_and_tasks)
+    add_cors(app)
     add_admin_routes(app, config, refresh_metrics)
     app.router.add_route("*", "/{path:.*}", proxy_handler, expect_handler=defer_expect)
     return app

@@ -363,6 +363,9 @@ class Config:
         metavar="URL")
     state_prefix: str = setting("fileproxy", str, "prefix of every key fileproxy stores",
                                 metavar="PREFIX")
+    cors_origin: tuple[str, ...] = setting(
+        (), str, "a web origin (https://app.example) whose pages may use the upload and task "
+                 "endpoints (CORS); * for any (repeat)", metavar="ORIGIN", repeat=True)
     async_route: tuple[str, ...] = setting(
         (), str, "requests run as async tasks without Prefer: respond-async, e.g. 'POST /api/*' "
                  "(repeat)", metavar="'METHOD /path*'", repeat=True)

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from tests.pattern import pattern
+from tests.rawserver import RawServer
 
 TUS = {"Tus-Resumable": "1.0.0"}
 MIB = 1024 * 1024
@@ -301,3 +302,63 @@ async def test_a_stalled_patch_is_cut_off_and_frees_the_upload(origin, make_prox
     async with await patch(client, url, offset, body[offset:]) as response:
         assert response.status == 204
     assert len(origin.events("body-complete")) == 1
+
+
+async def test_the_collection_answers_with_and_without_a_trailing_slash(origin, proxy, client):
+    for base in ("/_fileproxy/uploads", "/_fileproxy/uploads/"):
+        async with client.options(proxy.url + base, headers=TUS) as response:
+            assert response.status == 204 and "creation" in response.headers["Tus-Extension"]
+        async with client.post(proxy.url + base, headers={
+                **TUS, "Upload-Length": "3", "Upload-Metadata": metadata(target="/echo/s")}) as r:
+            assert r.status == 201 and r.headers["Location"].startswith("/_fileproxy/uploads/")
+
+
+async def test_creation_with_upload_needs_no_upload_offset(origin, proxy, client):
+    body = b"first and only chunk"
+    async with client.post(f"{proxy.url}/_fileproxy/uploads", data=body, headers={
+            **TUS, "Upload-Length": str(len(body)), "Upload-Metadata": metadata(target="/echo/c"),
+            "Content-Type": "application/offset+octet-stream"}) as response:
+        assert response.status == 201 and response.headers["Upload-Offset"] == str(len(body))
+
+
+@pytest.mark.parametrize("number", ["\u0661\u0662\u0663", "+3", "3.0", "0x3", "-3"])
+async def test_tus_numbers_are_ascii_digits_only(origin, proxy, client, number):
+    async with client.post(f"{proxy.url}/_fileproxy/uploads", headers={
+            **TUS, "Upload-Length": number, "Upload-Metadata": metadata(target="/echo/n")}) as r:
+        assert r.status == 400
+
+
+async def test_a_head_after_the_last_patch_tells_how_the_delivery_went(make_proxy, client):
+    async with RawServer(lambda _: b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n"
+                         ) as upstream:
+        proxy = await make_proxy(upstream.url, upload_delivery_wait=0)
+        url = await create(client, proxy, 3)
+        async with await patch(client, url, 0, b"abc") as response:
+            assert response.status == 204  # as tus requires, whatever the upstream says later
+        for _ in range(200):
+            async with client.head(url, headers=TUS) as response:
+                if response.headers.get("Fileproxy-Delivery-Status") != "pending":
+                    break
+            await asyncio.sleep(0.05)
+        assert response.headers["Fileproxy-Delivery-Status"] == "failed"
+        assert response.headers["Fileproxy-Upstream-Status"] == "405"
+
+
+async def test_cors_lets_a_page_on_another_origin_upload(origin, make_proxy, client):
+    proxy = await make_proxy(origin.url, cors_origin=("https://app.example",))
+    page = {"Origin": "https://app.example"}
+    async with client.options(f"{proxy.url}/_fileproxy/uploads/", headers={
+            **page, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "tus-resumable, upload-length"}) as response:
+        assert response.status == 204
+        assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert "PATCH" in response.headers["Access-Control-Allow-Methods"]
+        assert "Upload-Length" in response.headers["Access-Control-Allow-Headers"]
+    async with client.post(f"{proxy.url}/_fileproxy/uploads", headers={
+            **page, **TUS, "Upload-Length": "3", "Upload-Metadata": metadata(target="/x")}) as r:
+        assert r.status == 201
+        assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert "Location" in r.headers["Access-Control-Expose-Headers"]
+    async with client.options(f"{proxy.url}/_fileproxy/uploads", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}) as r:
+        assert "Access-Control-Allow-Origin" not in r.headers

@@ -114,7 +114,7 @@ class Uploads:
     async def create(self, request: web.Request) -> Upload:
         check_version(request)
         length_header = request.headers.get("Upload-Length", "")
-        if not length_header.isdigit():
+        if not ascii_number(length_header):
             raise TusError(400, "Bad Request: Upload-Length must be a whole number of bytes")
         length = int(length_header)
         if length > self.config.upload_max_size:
@@ -153,7 +153,7 @@ class Uploads:
         if request.content_type != OFFSET_TYPE:
             raise TusError(415, f"Unsupported Media Type: PATCH bodies are {OFFSET_TYPE}")
         offset = request.headers.get("Upload-Offset", "0" if creating else "")
-        if not offset.isdigit() or int(offset) != upload.offset:
+        if not ascii_number(offset) or int(offset) != upload.offset:
             raise TusError(409, f"Conflict: Upload-Offset must be {upload.offset}")
         digest, expected = checksum_of(request.headers.get("Upload-Checksum"))
         handover = UploadLock(self.store, upload.id, self.config.upload_lock_ttl)
@@ -293,6 +293,11 @@ class Uploads:
             self.metrics.uploads.labels(event).inc()
 
 
+def ascii_number(text: str) -> bool:
+    """Digits 0-9 only (str.isdigit() takes other scripts' digits, which int() reads)."""
+    return text.isascii() and text.isdigit()
+
+
 def check_deliverable(metadata: dict[str, str]) -> None:
     """What the finished upload's delivery will send must be sendable: checked at creation, so
     that no delivery can fail for its metadata later (or wedge a runner)."""
@@ -377,11 +382,34 @@ async def head(request: web.Request) -> web.StreamResponse:
     upload = await uploads.load(request.match_info["upload_id"])
     if upload.offset == upload.length and upload.task_id is None:
         await uploads.finish(upload, request.remote or "-")  # (its last PATCH was cut short)
+    delivery = await delivery_headers(uploads, upload)
     metadata = ",".join(f"{key} {base64.b64encode(value.encode()).decode()}"
                         for key, value in upload.metadata.items())
     return QuietResponse(status=200, headers=tus_headers(
         **{"Upload-Offset": str(upload.offset), "Upload-Length": str(upload.length),
-           "Upload-Metadata": metadata}, **expires_header(upload)))
+           "Upload-Metadata": metadata}, **expires_header(upload), **delivery))
+
+
+async def delivery_headers(uploads: Uploads, upload: Upload) -> dict[str, str]:
+    """Where a finished upload's delivery stands, for a client that asks later (the final
+    PATCH answered 204 before the upstream did): pending, delivered or failed, and the
+    upstream's status once it answered."""
+    if upload.task_id is None:
+        return {}
+    task = await uploads.tasks.load(upload.task_id)
+    headers = {"Fileproxy-Delivery": uploads.tasks.status_url(upload.task_id),
+               "Fileproxy-Delivery-Status": delivery_status(task)}
+    if task is not None and task.upstream_status is not None:
+        headers["Fileproxy-Upstream-Status"] = str(task.upstream_status)
+    return headers
+
+
+def delivery_status(task: Task | None) -> str:
+    if task is None:
+        return "unknown"  # (its record expired)
+    if task.status in ("failed", "cancelled"):
+        return "failed"
+    return "delivered" if task.status == "completed" else "pending"
 
 
 async def patch(request: web.Request) -> web.StreamResponse:
@@ -436,9 +464,10 @@ def tus_errors(handler: Any) -> Any:
 def add_upload_routes(app: web.Application, prefix: str) -> None:
     base = f"{prefix}/uploads"
     routes = app.router
-    routes.add_route("OPTIONS", base, tus_errors(options))
+    for collection in (base, base + "/"):  # (clients are set up with and without the slash)
+        routes.add_route("OPTIONS", collection, tus_errors(options))
+        routes.add_post(collection, tus_errors(create))
     routes.add_route("OPTIONS", base + "/{upload_id}", tus_errors(options))
-    routes.add_post(base, tus_errors(create))
     routes.add_route("HEAD", base + "/{upload_id}", tus_errors(head))
     routes.add_route("PATCH", base + "/{upload_id}", tus_errors(patch))
     routes.add_delete(base + "/{upload_id}", tus_errors(delete))
