@@ -405,11 +405,14 @@ class Config:
     upload_sweep_interval: float = setting(60.0, positive(parse_seconds),
                                            "how often expired uploads free their spool space",
                                            metavar="SECONDS")
-    upload_lock_ttl: float = setting(10.0, positive(parse_seconds),
-                                     "an upload's PATCH lock, kept alive by a heartbeat while "
-                                     "the PATCH runs; a crashed worker's lock frees after this "
-                                     "(a live holder lets go at once when a newer PATCH asks)",
+    upload_lock_ttl: float = setting(4.0, positive(parse_seconds),
+                                     "an upload's PATCH lease, renewed by a heartbeat while the "
+                                     "PATCH runs; a crashed worker's lock frees after this",
                                      metavar="SECONDS")
+    upload_stall: float = setting(2.0, positive(parse_seconds),
+                                  "a PATCH that received no byte for this long gives its upload "
+                                  "up to a newer HEAD or PATCH for it (keeping what arrived)",
+                                  metavar="SECONDS")
     upload_delivery_wait: float = setting(5.0, parse_seconds,
                                           "how long the final PATCH waits for the upstream's "
                                           "answer before returning", metavar="SECONDS")

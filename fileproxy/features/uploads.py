@@ -156,7 +156,7 @@ class Uploads:
         if not ascii_number(offset) or int(offset) != upload.offset:
             raise TusError(409, f"Conflict: Upload-Offset must be {upload.offset}")
         digest, expected = checksum_of(request.headers.get("Upload-Checksum"))
-        handover = UploadLock(self.store, upload.id, self.config.upload_lock_ttl)
+        handover = self.lock_of(upload.id)
         try:
             async with handover.held(lambda why: let_go(request, why)) as lock:
                 upload = await self.load(upload.id)  # the offset as it is now, under the lock
@@ -165,12 +165,18 @@ class Uploads:
                 if upload.broken:
                     self.count("resumed")
                     upload.broken = False
-                return await self.write_chunk(request, upload, digest, expected, lock)
+                return await self.write_chunk(request, upload, digest, expected, lock,
+                                              handover)
         except Locked:
             raise TusError(423, "Locked: another PATCH to this upload is running") from None
 
+    def lock_of(self, upload_id: str) -> UploadLock:
+        return UploadLock(self.store, upload_id, self.config.upload_lock_ttl,
+                          self.config.upload_stall)
+
     async def write_chunk(self, request: web.Request, upload: Upload, digest: Any,
-                          expected: bytes | None, lock: LockHandle) -> Upload:
+                          expected: bytes | None, lock: LockHandle,
+                          handover: UploadLock) -> Upload:
         """Without a checksum, what arrived is kept however the PATCH ends (the client left or
         stalled, a newer PATCH took the upload over) while this PATCH holds the lock; with one,
         all or nothing."""
@@ -185,6 +191,7 @@ class Uploads:
                     if upload.offset + len(chunk) > upload.length:
                         raise TusError(413, "Request Entity Too Large: more bytes than "
                                             "Upload-Length")
+                    handover.received()
                     await handle.write(chunk)
                     if digest is not None:
                         digest.update(chunk)
@@ -378,8 +385,13 @@ async def create(request: web.Request) -> web.StreamResponse:
 
 
 async def head(request: web.Request) -> web.StreamResponse:
+    """Where the upload stands. A PATCH that still holds it but stalled (its client reconnected
+    and asks here first) is asked to let go first, so the offset is what it kept."""
     uploads = uploads_of(request)
     upload = await uploads.load(request.match_info["upload_id"])
+    if upload.offset < upload.length:
+        await uploads.lock_of(upload.id).wait_for_a_stalled_holder()
+        upload = await uploads.load(upload.id)
     if upload.offset == upload.length and upload.task_id is None:
         await uploads.finish(upload, request.remote or "-")  # (its last PATCH was cut short)
     delivery = await delivery_headers(uploads, upload)
