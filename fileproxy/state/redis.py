@@ -20,6 +20,10 @@ from fileproxy.config import SENTINEL_SCHEME, SentinelURL, parse_sentinel_url
 from fileproxy.state.base import Locked, StateUnavailable
 
 T = TypeVar("T")
+# A command whose connection failed is sent again on a new one, with backoff (0.05 s doubling to
+# 1 s): about 4.5 s in all, so a Redis that restarts (a crash, a failover) is ridden through
+# instead of failing the requests and tasks that needed it in those seconds.
+RESTART_RETRIES = 8
 log = logging.getLogger("fileproxy.state.redis")
 DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -74,10 +78,10 @@ class RedisStore:
     def __init__(self, url: str, prefix: str = "fileproxy") -> None:
         self.prefix = prefix
         # A command on a pooled connection that a Redis restart closed is sent again on a new one
-        # (a few quick tries), so the first request after a restart does not fail.
+        # (RESTART_RETRIES), so the requests and tasks of a restart's seconds do not fail.
         options: dict[str, Any] = dict(
             socket_connect_timeout=2, socket_timeout=None, health_check_interval=15,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), RESTART_RETRIES),
             retry_on_error=[RedisConnectionError])
         self.sentinel: Sentinel | None = None
         self.client: aioredis.Redis
