@@ -479,10 +479,11 @@ class Sampler:
         self._thread.join()
 
     def trends(self, run_seconds: float) -> list[dict[str, Any]]:
-        """Workers that lived at least half the run: RSS and fds after warm-up vs at the end."""
+        """Workers that lived at least a quarter of the run (faults kill workers often): RSS and
+        fds after a warm-up (a quarter of its samples) against at the end."""
         rows = []
         for pid, samples in self.samples.items():
-            if len(samples) < 4 or samples[-1][0] - samples[0][0] < run_seconds / 2:
+            if len(samples) < 8 or samples[-1][0] - samples[0][0] < run_seconds / 4:
                 continue
             warm = samples[len(samples) // 4]
             rows.append({"pid": pid, "seconds": round(samples[-1][0] - samples[0][0]),
