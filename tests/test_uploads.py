@@ -362,3 +362,14 @@ async def test_cors_lets_a_page_on_another_origin_upload(origin, make_proxy, cli
     async with client.options(f"{proxy.url}/_fileproxy/uploads", headers={
             "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}) as r:
         assert "Access-Control-Allow-Origin" not in r.headers
+
+
+async def test_a_patch_on_a_finished_upload_is_not_a_server_error(origin, proxy, client):
+    url = await create(client, proxy, 3)
+    async with await patch(client, url, 0, b"abc") as response:
+        assert response.status == 204
+    async with await patch(client, url, 3, b"") as response:
+        assert response.status < 500 and response.headers["Upload-Offset"] == "3"
+    async with await patch(client, url, 3, b"more") as response:
+        assert response.status == 413
+    assert len(origin.events("body-complete")) == 1
