@@ -107,7 +107,7 @@ def build_app(config: Config) -> web.Application:
 
 
 class FastPathRunner(ServerWrappingRunner):
-    """aiohttp's AppRunner whose protocol factory is the fast path's (fileproxy/fastpath.py),
+    """aiohttp's AppRunner whose protocol factory is the fast path's (server/fastpath.py),
     in front of the Server aiohttp made for the application."""
 
     def wrap(self, inner: web.Server) -> FastServer:

@@ -185,7 +185,7 @@ async def copy_body(request: RelayingRequest, chunks: AsyncIterator[bytes], resp
 
 async def splice_relay(request: RelayingRequest, upstream: UpstreamResponse,
                        response: Streamed, length: int, timeouts: Timeouts) -> None:
-    """The zero-copy path (fileproxy/splice.py), with the same outcomes as copy_body. The
+    """The zero-copy path (upstream/splice.py), with the same outcomes as copy_body. The
     upstream connection's parser never saw the spliced bytes: a lean connection whose body went
     through to its end takes a fresh parser and is reused; any other is closed."""
     complete = False

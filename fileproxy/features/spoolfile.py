@@ -77,11 +77,3 @@ async def remove(*paths: Path) -> None:
             path.unlink(missing_ok=True)
 
     await asyncio.to_thread(unlink)
-
-
-async def move(source: Path, destination: Path) -> None:
-    def rename() -> None:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(source, destination)
-
-    await asyncio.to_thread(rename)

@@ -30,6 +30,7 @@ from fileproxy.http.responses import QuietResponse, json_response
 from fileproxy.loops import supervised
 from fileproxy.observability.metrics import Metrics
 from fileproxy.policy.balancing import Upstream
+from fileproxy.policy.retry import IDEMPOTENT
 from fileproxy.state import StateStore, StateUnavailable
 from fileproxy.upstream.aiohttp_client import ForwardedBody
 
@@ -43,8 +44,6 @@ INTERRUPTED = ("interrupted: its worker stopped while the upstream had the reque
 # A delivery answered with one of these (or 5xx, or not at all) is tried again.
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 DELIVERY_BACKOFF_MAX = 60.0
-# RFC 9110 9.2.2; a request with an Idempotency-Key lets the origin drop a duplicate.
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 CHUNK = 256 * 1024
 
 
@@ -492,8 +491,9 @@ def accepted(task: Task) -> bool:
 
 
 def safe_to_repeat(task: Task) -> bool:
-    """May the task's request reach the upstream a second time?"""
-    return task.method in IDEMPOTENT_METHODS or any(
+    """May the task's request reach the upstream a second time? (An idempotent method, or an
+    Idempotency-Key, which lets the origin drop a duplicate.)"""
+    return task.method in IDEMPOTENT or any(
         name.lower() == "idempotency-key" for name, _ in task.headers)
 
 

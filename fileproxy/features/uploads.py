@@ -147,7 +147,7 @@ class Uploads:
                      creating: bool = False) -> Upload:
         """Write the PATCH body at the upload's offset, fsync'd; a checksum mismatch (460)
         discards the chunk. A PATCH to an upload another PATCH holds asks that one to let go
-        (UploadLock) and goes on once it did: 423 only when it never does. The body of a
+        (UploadLock: it does once it stalled) and goes on then: 423 when it never does. The body of a
         creation-with-upload POST is a PATCH at offset 0 (it need not say Upload-Offset)."""
         check_version(request)
         if request.content_type != OFFSET_TYPE:

@@ -36,7 +36,7 @@ class ProxyError(Exception):
         return {"X-Request-Id": request_id, "Cache-Control": "no-store", **self.headers}
 
 
-# The upstream failures both clients (aiohttp's and fileproxy/lean.py) report, worded once.
+# The upstream failures both clients (aiohttp's and upstream/lean.py) report, worded once.
 
 def upstream_unreachable(authority: str, reason: str) -> ProxyError:
     return ProxyError(502, f"Bad Gateway: upstream {authority} unreachable ({reason})",

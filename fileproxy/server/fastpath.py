@@ -3,13 +3,13 @@
 Most of a small proxied GET's cost under aiohttp is its server machinery (request and response
 objects, router, middlewares, signals, payload writer), not the proxying. So every client
 connection starts on a lean protocol: it finds each request head in its buffer and parses it with
-httptools (llhttp). A GET on HTTP/1.1 with no body, no Expect or Upgrade, an origin-form target
-outside the admin prefix, headers within the limits and not an async task, is served here through
-the same request path as everywhere else (proxy.forward_with: admission, upstream choice, retries,
-breaker, metrics, access log; streaming.relay: whole, copied or spliced, with the same timeouts
-and abort rules). Anything else, including anything the parser refuses, is handed to aiohttp's
-server with the connection, from the first byte of that request on; aiohttp then keeps that
-connection, answers its errors (400, 431, ...) and serves bodies, admin endpoints and async tasks.
+httptools (llhttp). A GET on HTTP/1.1 with a well-formed request line, no body, no Expect or
+Upgrade, that the request path routes to the upstream, is served here through the same request path
+as everywhere else (core.forward.serve_request: checks, routing, admission, upstream choice,
+retries, breaker, metrics, errors; core.relay: whole, copied or spliced, with the same timeouts and
+abort rules). Anything else, including anything the parser refuses, is handed to aiohttp's server
+with the connection, from the first byte of that request on; aiohttp then keeps that connection
+and sends its requests through the same serve_request (server/aiohttp_server.py).
 `--no-fast-path` hands every connection over at once.
 """
 
@@ -71,7 +71,7 @@ def http_date(_cache: list[Any] = [0, ""]) -> str:  # noqa: B006 - the per-secon
 
 @dataclass(slots=True)
 class FastRequest:
-    """A GET the fast path serves, as the request path reads it (proxy.ServedRequest)."""
+    """A GET the fast path serves, as the request path reads it (core.forward.ServedRequest)."""
 
     raw_path: str
     raw_headers: tuple[tuple[bytes, bytes], ...]
@@ -301,7 +301,7 @@ class FastConnection(asyncio.Protocol):
         handler.data_received(data)
 
     async def serve(self, request: FastRequest) -> None:
-        """The request path (proxy.serve_request) for one GET, then the next request or the close."""
+        """The request path (core.forward.serve_request) for one GET, then the next request or the close."""
         server = self.server
         exchange = Exchange(request_id_for(request), time.monotonic())
         server.served += 1
@@ -444,7 +444,7 @@ def response_head(status: int, reason: str | None, headers: Any, framing: str,
 
 
 class FastSide:
-    """streaming.ClientSide for the fast path: responses written straight to the transport."""
+    """core.relay.ClientSide for the fast path: responses written straight to the transport."""
 
     def __init__(self, connection: FastConnection, keep_alive: bool) -> None:
         self.connection, self.keep_alive = connection, keep_alive
@@ -499,7 +499,7 @@ class FastSide:
 
 
 class FastResponse:
-    """streaming.Streamed for the fast path: Content-Length or chunked framing, the head sent
+    """core.relay.Streamed for the fast path: Content-Length or chunked framing, the head sent
     with the first body bytes when they are already there."""
 
     def __init__(self, connection: FastConnection, status: int, length: int | None) -> None:

@@ -91,7 +91,7 @@ class ForwardedBody(Payload):
 
 class ClientBody(ForwardedBody):
     """The client's request body for aiohttp's client: streamed as it arrives, or spliced when large
-    (fileproxy/splice.py). Sends the client its 100 Continue when the upstream asked for the body."""
+    (upstream/splice.py). Sends the client its 100 Continue when the upstream asked for the body."""
 
     def __init__(self, request: web.Request, splice: bool, timeouts: Timeouts) -> None:
         super().__init__(request.content)
@@ -135,7 +135,7 @@ async def send(session: ClientSession, upstream: Upstream, outgoing: Outgoing,
                lean: LeanPool | None = None, interim: Interim | None = None) -> UpstreamResponse:
     """Send the request and return the response once its headers arrived; errors -> 502/504.
 
-    GETs go through the lean client when it is on (fileproxy/lean.py); the rest through aiohttp.
+    GETs go through the lean client when it is on (upstream/lean.py); the rest through aiohttp.
     A pooled connection the upstream closed just as it was reused (the keep-alive race) is
     retried once on another connection while no byte of the client's body has been read: aiohttp
     itself does this for idempotent methods, this covers the rest.

@@ -38,7 +38,7 @@ LEAN_METHODS = frozenset({"GET"})
 Interim = Callable[[int, list[tuple[bytes, bytes]]], None]
 Key = tuple[str, int]  # an upstream address: (host, port)
 # Upstream responses may be header-heavy (the core issue asks for ~130 fields and long cookies).
-# Both clients stop at these: aiohttp's (fileproxy/upstream.py) and this one.
+# Both clients stop at these: aiohttp's (upstream/aiohttp_client.py) and this one.
 UPSTREAM_MAX_HEADERS = 1024
 UPSTREAM_MAX_FIELD_SIZE = 64 * 1024  # one header line (name + value), or the status line
 STATUS_PREFIX = len(b"HTTP/1.1 200 ")  # the status line before its reason phrase
