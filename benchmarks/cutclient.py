@@ -2,11 +2,14 @@
 harness cuts their connections from outside (`ss -K`, as a link that drops would).
 
     python -m benchmarks.cutclient tus  PROXY_URL FILE TARGET --deadline 3600
+    python -m benchmarks.cutclient tusjs PROXY_URL FILE TARGET --deadline 3600 [--ietf]
     python -m benchmarks.cutclient put  URL FILE --deadline 600
 
 `tus` is the tuspy client (what tus users run): after a cut it asks for the stored offset (HEAD)
-and PATCHes on from there. `put` can only start the whole PUT again. Prints one JSON line:
-completed, seconds, attempts, and for PUT the most bytes one attempt got out before its cut.
+and PATCHes on from there. `tusjs` is tus-js-client under node (tests/js/upload.mjs), tus 1.0 at
+the upload endpoint or, with --ietf, the IETF draft (interop version 6) straight at TARGET on the
+proxy. `put` can only start the whole PUT again. Prints one JSON line: completed, seconds,
+attempts, and for PUT the most bytes one attempt got out before its cut.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -25,6 +30,9 @@ from tusclient.exceptions import TusCommunicationError
 from tusclient.uploader import Uploader
 
 CHUNK = 8 * 1024 * 1024  # bytes per PATCH; a cut mid-PATCH keeps what the proxy stored
+JS_DIR = Path(__file__).resolve().parent.parent / "tests" / "js"
+# tus-js-client's waits before retrying (ms); it starts the list again once an upload moves on.
+TUSJS_RETRY_DELAYS = "0,1000,1000,2000,3000,5000,5000,5000,5000,5000"
 
 
 class CountingUploader(Uploader):
@@ -61,6 +69,32 @@ def tus_upload(base: str, path: Path, target: str, deadline: float) -> dict[str,
     if completed:
         delivery = uploader.request.response_headers.get("fileproxy-delivery", "")
         result["intact"] = delivered_intact(base + delivery, path)
+    return result
+
+
+def tusjs_upload(base: str, path: Path, target: str, deadline: float,
+                 ietf: bool) -> dict[str, object]:
+    """One tus-js-client upload (its own retries resume it after every cut)."""
+    started = time.monotonic()
+    endpoint = base + target if ietf else f"{base}/_fileproxy/uploads"
+    command = [shutil.which("node") or "node", "upload.mjs", "--file", str(path),
+               "--endpoint", endpoint, "--target", target, "--timeout", str(int(deadline)),
+               "--retry-delays", TUSJS_RETRY_DELAYS,
+               "--protocol", "ietf-draft-05" if ietf else "tus-v1"]
+    done = subprocess.run(command, cwd=JS_DIR, capture_output=True, text=True,
+                          timeout=deadline + 60, check=False)
+    lines = done.stdout.strip().splitlines()
+    if not lines:
+        return {"completed": False, "error": done.stderr[-300:]}
+    outcome = json.loads(lines[-1])
+    result: dict[str, object] = {
+        "completed": bool(outcome["ok"]), "seconds": round(time.monotonic() - started, 1),
+        "attempts": sum(1 for method, *_ in outcome["requests"] if method == "PATCH")}
+    if outcome["ok"]:
+        delivery = outcome["lastResponse"]["headers"].get("fileproxy-delivery", "")
+        result["intact"] = delivered_intact(base + delivery, path)
+    else:
+        result["error"] = outcome.get("error")
     return result
 
 
@@ -112,15 +146,18 @@ def put_upload(url: str, path: Path, deadline: float) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("tus", "put"))
+    parser.add_argument("mode", choices=("tus", "tusjs", "put"))
     parser.add_argument("url")
     parser.add_argument("file")
     parser.add_argument("target", nargs="?", default="/upload/cut")
     parser.add_argument("--deadline", type=float, default=900.0)
+    parser.add_argument("--ietf", action="store_true", help="tusjs: the IETF draft")
     args = parser.parse_args()
     path = Path(args.file)
     if args.mode == "tus":
         result = tus_upload(args.url, path, args.target, args.deadline)
+    elif args.mode == "tusjs":
+        result = tusjs_upload(args.url, path, args.target, args.deadline, args.ietf)
     else:
         result = put_upload(args.url, path, args.deadline)
     print(json.dumps(result), flush=True)

@@ -2,8 +2,9 @@
 
 The client link carries the profile, and the harness cuts every client connection to the proxy
 every --cut-every seconds (`ss -K` in the client namespace: the client's socket is aborted and the
-proxy gets a reset, as when a link drops). A file is uploaded (1) with tus (the tuspy client)
-through fileproxy, which resumes after every cut, and (2) as one plain PUT through nginx and (3)
+proxy gets a reset, as when a link drops). A file is uploaded through fileproxy, which resumes
+after every cut, with (1) tus and tuspy, (2) tus and tus-js-client under node, (3) tus-js-client
+speaking the IETF draft straight at a proxied path, and as one plain PUT (4) through nginx and (5)
 through fileproxy, which must start over each time. Reports whether each completed within its
 deadline, how long it took, and whether the upstream got it byte-exact.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import threading
 import tomllib
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from benchmarks.common import markdown_table, progress, save_results
+from benchmarks.cutclient import JS_DIR
 from benchmarks.net import SCENARIOS, Run
 from benchmarks.targets import Place, Running, Workdir, start_fileproxy, start_nginx
 from benchmarks.topology import ORIGIN_ADDR, PROXY_CLIENT_SIDE, Topology, require_root_and_ip
@@ -55,13 +58,20 @@ def upload(topology: Topology, args: list[str], cut_every: float, deadline: floa
     return {**result, "connections_cut": cuts[0]}
 
 
+def tusjs_ready() -> bool:
+    """node, and tus-js-client where the tests install it."""
+    return shutil.which("node") is not None and (
+        JS_DIR / "node_modules" / "tus-js-client" / "package.json").exists()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="terrible")
     parser.add_argument("--size-mib", type=float, default=64)
     parser.add_argument("--cut-every", type=float, default=30)
-    parser.add_argument("--deadline", type=float, default=7200, help="for the tus upload")
+    parser.add_argument("--deadline", type=float, default=7200,
+                        help="for each resumable upload")
     parser.add_argument("--put-deadline", type=float, default=600,
                         help="for each plain PUT (it cannot finish: one PUT would need the whole "
                              "file within one cut interval)")
@@ -88,11 +98,19 @@ def main() -> None:
             nginx = start_nginx(origin_running, work, place)
             source = work.path / "upload.bin"
             source.write_bytes(os.urandom(int(args.size_mib * 1024 * 1024)))
-            progress(f"tus (tuspy) through fileproxy, cut every {args.cut_every:g} s")
-            results["tus via fileproxy"] = upload(
-                topology, ["tus", fileproxy.url, str(source), "/echo/cut"], args.cut_every,
-                args.deadline)
-            progress(f"... {results['tus via fileproxy']}")
+            resumable = {"tus (tuspy) via fileproxy": ["tus"],
+                         "tus (tus-js-client) via fileproxy": ["tusjs"],
+                         "IETF draft (tus-js-client) via fileproxy": ["tusjs", "--ietf"]}
+            if not tusjs_ready():
+                progress("tus-js-client rows skipped: node and tests/js/node_modules are needed "
+                         "(apt-get install nodejs npm; cd tests/js && npm ci)")
+                resumable = {"tus (tuspy) via fileproxy": ["tus"]}
+            for name, mode in resumable.items():
+                progress(f"{name}, cut every {args.cut_every:g} s")
+                results[name] = upload(
+                    topology, [*mode, fileproxy.url, str(source), f"/echo/cut/{len(results)}"],
+                    args.cut_every, args.deadline)
+                progress(f"... {results[name]}")
             plain = [("PUT via nginx", nginx), ("PUT via fileproxy", fileproxy)]
             for name, target in plain:
                 if target is None:

@@ -146,8 +146,13 @@ class Topology:
             self.veth(ends[2][:2], ends[3][:2])
             for end in ends:
                 self.address(*end)
-        self.ns_run(self.client, "ip", "route", "add", "198.18.2.0/24", "dev", "tc0")
-        self.ns_run(self.origin, "ip", "route", "add", "198.18.1.0/24", "dev", "to0")
+        # Through the proxy namespace as a gateway: veth links are Ethernet (nobody would answer
+        # ARP for the far network); TUN links are point to point.
+        for namespace, network, gateway, device in (
+                (self.client, "198.18.2.0/24", PROXY_CLIENT_SIDE, "tc0"),
+                (self.origin, "198.18.1.0/24", PROXY_ORIGIN_SIDE, "to0")):
+            via = () if self.emulation == "tun" else ("via", gateway)
+            self.ns_run(namespace, "ip", "route", "add", network, *via, "dev", device)
         self.set_congestion(congestion)
         if self.emulation == "tun":
             self.start_emulator(client_link, origin_link)

@@ -2,10 +2,11 @@
 
 One topology (benchmarks/topology.py, the profile on --impaired), one origin, and fileproxy started
 once per variant of the settings the bad-network issue asks about: congestion control on the
-proxy's sockets, TCP_NODELAY, socket buffer sizes and the response read size (which only matters
-where bodies are copied, so those variants also turn splice off). Every variant is measured on the
-same workloads as `bench net` (a large download: goodput and TTFB; small requests: rate and p99),
-interleaved, --repeat times. Writes a table, JSON, markdown and a PNG under benchmarks/results/.
+proxy's sockets, TCP_NODELAY, socket buffer sizes, the socket relay's mover and the response read
+size (which only matters where bodies go through aiohttp's streams, so those variants turn the
+socket relay off). Every variant is measured on the same workloads as `bench net` (a large
+download: goodput and TTFB; small requests: rate and p99), interleaved, --repeat times. Writes a
+table, JSON, markdown and a PNG under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ VARIANTS: dict[str, list[str]] = {
     "no nodelay": ["--no-tcp-nodelay"],
     "buffers 4m": ["--socket-sndbuf", "4m", "--socket-rcvbuf", "4m"],
     "buffers 64k": ["--socket-sndbuf", "64k", "--socket-rcvbuf", "64k"],
-    "copy, read 64k": ["--no-splice", "--read-size", "64k"],
-    "copy, read 256k": ["--no-splice", "--read-size", "256k"],
-    "copy, read 1m": ["--no-splice", "--read-size", "1m"],
+    "splice relay": ["--socket-relay", "splice"],
+    "streams, read 64k": ["--socket-relay", "off", "--read-size", "64k"],
+    "streams, read 256k": ["--socket-relay", "off", "--read-size", "256k"],
+    "streams, read 1m": ["--socket-relay", "off", "--read-size", "1m"],
 }
 
 

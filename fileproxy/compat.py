@@ -85,6 +85,7 @@ class QuietRequestHandler(RequestHandler):
 
     answer: ErrorAnswer
     header_timeout: float = 0.0
+    on_connect: Callable[[asyncio.BaseTransport], None] | None = None
     _head_timer: asyncio.TimerHandle | None = None
 
     def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop,
@@ -108,6 +109,8 @@ class QuietRequestHandler(RequestHandler):
         are bounded by aiohttp's keep-alive timer, which closes a connection whose head is
         still incomplete)."""
         super().connection_made(transport)
+        if self.on_connect is not None:
+            self.on_connect(transport)
         if self.header_timeout:
             self._head_timer = self._loop.call_later(self.header_timeout, self.head_overdue)
 
@@ -146,11 +149,14 @@ def reason_of(exc: BaseException | None, message: str | None) -> str:
     return " ".join(str(text).split())[:200]
 
 
-def request_handler(server: web.Server, answer: ErrorAnswer,
-                    header_timeout: float) -> RequestHandler:
-    """A connection handler for aiohttp's Server (Server.__call__, with its settings)."""
+def request_handler(server: web.Server, answer: ErrorAnswer, header_timeout: float,
+                    on_connect: Callable[[asyncio.BaseTransport], None] | None = None
+                    ) -> RequestHandler:
+    """A connection handler for aiohttp's Server (Server.__call__, with its settings);
+    `on_connect` sees each new connection's transport."""
     handler = QuietRequestHandler(server, loop=server._loop, **server._kwargs)
     handler.answer, handler.header_timeout = answer, header_timeout
+    handler.on_connect = on_connect
     return handler
 
 

@@ -280,6 +280,12 @@ class Config:
                                   "TCP congestion control for proxy sockets, e.g. bbr or cubic; "
                                   "auto: bbr where available; empty: the system's",
                                   metavar="NAME")
+    tcp_congestion_min_rtt: float = setting(
+        0.002, parse_seconds,
+        "a connection whose handshake round trip was shorter than this (loopback, a LAN) keeps "
+        "cubic; longer ones switch to --tcp-congestion: bbr's pacing only costs on a short "
+        "path (0: --tcp-congestion everywhere)",
+        metavar="SECONDS")
     socket_sndbuf: int = setting(0, parse_size,
                                  "SO_SNDBUF for client and upstream sockets (0: kernel autotuning)",
                                  metavar="SIZE")
@@ -413,6 +419,11 @@ class Config:
                                   "a PATCH that received no byte for this long gives its upload "
                                   "up to a newer HEAD or PATCH for it (keeping what arrived)",
                                   metavar="SECONDS")
+    resumable_uploads: bool = setting(
+        True, parse_bool,
+        "a POST, PUT or PATCH to a proxied path that carries Upload-Complete (the IETF resumable "
+        "uploads draft, interop versions 6 and 8) becomes a resumable upload, delivered upstream "
+        "once complete; off: forwarded as it is")
     upload_delivery_wait: float = setting(5.0, parse_seconds,
                                           "how long the final PATCH waits for the upstream's "
                                           "answer before returning", metavar="SECONDS")
@@ -421,8 +432,11 @@ class Config:
         "a finished upload the upstream did not accept (no answer, 408, 425, 429, 5xx) is sent "
         "again after this long, doubling up to 60 s, until it is accepted or the upload expires",
         metavar="SECONDS")
-    splice: bool = setting(True, parse_bool,
-                           "relay large Content-Length bodies zero-copy with splice (Linux), both ways")
+    socket_relay: str = setting(
+        "copy", choice("copy", "splice", "off"),
+        "bodies over 1 MiB with a known length go socket to socket once the headers are through, "
+        "both ways: copy (one reusable 256 KiB buffer), splice (a kernel pipe, Linux) or off "
+        "(through aiohttp's streams)")
     fast_path: bool = setting(True, parse_bool,
                               "plain HTTP/1.1 GETs are served by fileproxy's own protocol "
                               "(httptools), the rest by aiohttp's server; off: aiohttp for all")

@@ -21,7 +21,8 @@ PEERS = web.AppKey("peers", set)
 
 
 def record(request: web.Request, event: str, **details: object) -> None:
-    request.app[EVENTS].append({"event": event, "path": request.path, "time": time.monotonic(),
+    request.app[EVENTS].append({"event": event, "path": request.path, "method": request.method,
+                                "time": time.monotonic(),
                                 **details})
 
 

@@ -1,4 +1,4 @@
-"""The access log: one line per request with real byte counts (spliced ones too), plain or JSON."""
+"""The access log: one line per request with real byte counts (socket-relayed ones too), plain or JSON."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.conftest import raw_exchange
 MIB = 1024 * 1024
 
 
-async def test_plain_line_counts_spliced_bytes_both_ways(origin, make_proxy, client, caplog):
+async def test_plain_line_counts_socket_relayed_bytes_both_ways(origin, make_proxy, client, caplog):
     proxy = await make_proxy(origin.url, access_log=True)
     with caplog.at_level(logging.INFO, logger="fileproxy.access"):
         async with client.get(f"{proxy.url}/bytes/{3 * MIB}") as response:

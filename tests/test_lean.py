@@ -91,7 +91,7 @@ async def test_an_invalid_upstream_response_is_502(make_proxy, client, lean):
 async def test_a_client_that_reads_nothing_holds_the_upstream_back(origin, make_proxy, lean):
     """Backpressure: the proxy reads the upstream no faster than the client drains, so with a
     client that reads nothing the origin cannot finish a body larger than the socket buffers."""
-    proxy = await make_proxy(origin.url, **lean, splice=False)
+    proxy = await make_proxy(origin.url, **lean, socket_relay="off")
     size = 96 * MIB
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, limit=1 << 20)
     writer.write(f"GET /bytes/{size} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())

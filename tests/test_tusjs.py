@@ -208,3 +208,47 @@ def test_tusjs_uploads_to_the_endpoint_with_a_trailing_slash(tusjs, deployed, or
     assert outcome["url"].startswith(f"{deployed.url}/_fileproxy/uploads/")
     assert outcome["url"] != f"{deployed.url}/_fileproxy/uploads/"
     assert_delivered_once(deployed, origin_process, outcome, target, source)
+
+
+def assert_ietf_delivered_once(origin: str, outcome: dict, target: str, source: Source) -> None:
+    """The last PATCH was answered by the origin itself (the draft's completing request), and
+    the origin got the file once, byte-exact, as the POST tus-js-client created it with."""
+    assert outcome["ok"], outcome
+    assert outcome["requests"][-1] == ["PATCH", 200, SIZE], outcome
+    last = outcome["lastResponse"]["headers"]
+    assert last["upload-complete"] == "?1" and last["upload-draft-interop-version"] == "6"
+    assert last["content-type"].startswith("application/json")  # the echo origin's answer
+    time.sleep(0.3)  # a second delivery (another worker, a retry) would show by now
+    events = [event for event in get_json(f"{origin}/_origin/events")["events"]
+              if event["path"] == target]
+    assert [(e["event"], e["method"], e["received"], e["sha256"]) for e in events] == [
+        ("body-complete", "POST", SIZE, source.sha256)], events
+
+
+def test_tusjs_ietf_draft_straight_at_a_proxied_path(tusjs, deployed, origin_process, source):
+    """protocol: 'ietf-draft-05' (interop version 6) with the proxied path as its endpoint:
+    the POST creates the upload (Upload-Complete: ?0), PATCHes append, the last one gets the
+    origin's own answer."""
+    target = target_path()
+    outcome = run_upload(tusjs, source, deployed.url + target, target, "--chunk-size", str(MIB),
+                         "--protocol", "ietf-draft-05")
+    assert outcome["requests"][0] == ["POST", 201, 0], outcome
+    assert [method for method, *_ in outcome["requests"]] == ["POST"] + ["PATCH"] * 8
+    assert outcome["url"].startswith(f"{deployed.url}/_fileproxy/uploads/")
+    assert_ietf_delivered_once(origin_process, outcome, target, source)
+
+
+def test_tusjs_ietf_draft_aborts_then_resumes(tusjs, deployed, origin_process, source,
+                                              tmp_path):
+    """The draft's resumption: a new process finds the upload, asks its offset (HEAD, 204)
+    and appends from there."""
+    target, store = target_path(), str(tmp_path / "tus-urls.json")
+    options = ("--chunk-size", str(MIB), "--store", store, "--protocol", "ietf-draft-05")
+    first = run_upload(tusjs, source, deployed.url + target, target, *options,
+                       "--abort-after", str(3 * MIB))
+    assert first["aborted"] and first["offset"] == 3 * MIB, first
+    second = run_upload(tusjs, source, deployed.url + target, target, *options, "--resume")
+    assert second["previousUploads"] == 1 and second["url"] == first["url"], second
+    assert second["requests"][0] == ["HEAD", 204, 3 * MIB], second
+    assert second["firstPatchOffset"] == 3 * MIB
+    assert_ietf_delivered_once(origin_process, second, target, source)

@@ -12,7 +12,7 @@ import pytest
 
 from fileproxy.config import Config
 from fileproxy.server.run import listen_socket
-from fileproxy.upstream.sockets import SocketOptions, read_options
+from fileproxy.upstream.sockets import SocketOptions, handshake_rtt, read_options
 from tests.conftest import free_port
 from tests.rawserver import RawServer
 
@@ -55,7 +55,7 @@ def ss_lines(*filters: str) -> str:
 
 async def test_congestion_control_reaches_both_sides_of_the_proxy(origin, make_proxy, client):
     congestion = other_congestion_control()
-    proxy = await make_proxy(origin.url, tcp_congestion=congestion)
+    proxy = await make_proxy(origin.url, tcp_congestion=congestion, tcp_congestion_min_rtt=0)
     async with client.get(f"{proxy.url}/status/200") as response:
         await response.read()
     upstream_side = ss_lines("dport", f"= :{origin.port}")
@@ -65,10 +65,56 @@ async def test_congestion_control_reaches_both_sides_of_the_proxy(origin, make_p
     assert accepted and all(read_options(sock)["nodelay"] for sock in accepted)
 
 
+def neither_default_nor_cubic() -> str:
+    """An available algorithm other than the system default and cubic (short paths' one)."""
+    with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as handle:
+        available = handle.read().split()
+    with open("/proc/sys/net/ipv4/tcp_congestion_control") as handle:
+        default = handle.read().strip()
+    others = [name for name in available if name not in (default, "cubic")]
+    if not others or "cubic" not in available:
+        pytest.skip(f"needs cubic and a third congestion control (available: {available})")
+    return others[0]
+
+
+async def test_a_short_path_keeps_cubic_whatever_is_configured(origin, make_proxy, client):
+    """Loopback's handshake takes microseconds, far under the 2 ms default: both the client's
+    connection and the upstream one keep cubic (bbr's pacing only costs on a short fast path)."""
+    congestion = neither_default_nor_cubic()
+    proxy = await make_proxy(origin.url, tcp_congestion=congestion)
+    async with client.get(f"{proxy.url}/status/200") as response:
+        await response.read()
+    upstream_side = ss_lines("dport", f"= :{origin.port}")
+    assert "cubic" in upstream_side.split(), upstream_side
+    assert congestion not in upstream_side.split(), upstream_side
+    accepted = [handler.transport.get_extra_info("socket")
+                for handler in proxy.runner.server.connections]
+    assert accepted and all(read_options(sock)["congestion"] == "cubic" for sock in accepted)
+
+
+@pytest.mark.parametrize(("min_rtt", "switched"), [(10.0, False), (1e-6, True)])
+def test_the_handshake_round_trip_decides_the_congestion_control(min_rtt, switched):
+    """A real loopback connection's handshake RTT (some microseconds) against the threshold."""
+    congestion = neither_default_nor_cubic()
+    options = SocketOptions(congestion=congestion, congestion_min_rtt=min_rtt,
+                            short_path_congestion="cubic")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        sock = options.upstream_socket_factory(
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", 0)))
+        with sock:
+            sock.connect(listener.getsockname())
+            rtt = handshake_rtt(sock)
+            assert rtt is not None and 0 < rtt < 0.01
+            assert read_options(sock)["congestion"] == "cubic"  # until the path is known
+            options.fit_congestion(sock)
+            expected = congestion if switched else "cubic"
+            assert read_options(sock)["congestion"] == expected
+
+
 def test_dev_listener_carries_the_options_accepted_sockets_inherit():
     congestion = other_congestion_control()
     config = Config(upstream=("http://127.0.0.1:1",), bind=f"127.0.0.1:{free_port()}",
-                    tcp_congestion=congestion, socket_rcvbuf=1 << 20)
+                    tcp_congestion=congestion, tcp_congestion_min_rtt=0, socket_rcvbuf=1 << 20)
     with listen_socket(config) as listener:
         port = listener.getsockname()[1]
         with socket.create_connection(("127.0.0.1", port)):
@@ -186,11 +232,11 @@ async def until(condition, seconds: float = 5.0) -> bool:
     return False
 
 
-@pytest.mark.parametrize("splice", [True, False])
-async def test_a_client_that_stalls_mid_upload_is_cut_off(origin, make_proxy, splice):
+@pytest.mark.parametrize("socket_relay", ["copy", "splice", "off"])
+async def test_a_client_that_stalls_mid_upload_is_cut_off(origin, make_proxy, socket_relay):
     """--client-timeout: no body byte for that long closes the client connection, and the
     upstream sees an incomplete body, never a complete one."""
-    proxy = await make_proxy(origin.url, client_timeout=0.5, splice=splice)
+    proxy = await make_proxy(origin.url, client_timeout=0.5, socket_relay=socket_relay)
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(b"PUT /echo/stalled HTTP/1.1\r\nHost: t\r\nContent-Length: 8000000\r\n\r\n"
                  + b"s" * 3_000_000)
@@ -201,9 +247,9 @@ async def test_a_client_that_stalls_mid_upload_is_cut_off(origin, make_proxy, sp
     writer.close()
 
 
-@pytest.mark.parametrize("splice", [True, False])
-async def test_a_client_that_takes_no_bytes_is_cut_off(origin, make_proxy, client, splice):
-    proxy = await make_proxy(origin.url, client_timeout=0.5, splice=splice)
+@pytest.mark.parametrize("socket_relay", ["copy", "splice", "off"])
+async def test_a_client_that_takes_no_bytes_is_cut_off(origin, make_proxy, client, socket_relay):
+    proxy = await make_proxy(origin.url, client_timeout=0.5, socket_relay=socket_relay)
     _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, limit=1 << 16)
     writer.write(f"GET /bytes/{256 * MIB} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
     await writer.drain()  # ... and read nothing

@@ -64,7 +64,7 @@ NOT_FAILURES = frozenset({"ok", "refused", "client_aborted"})
 
 
 def response_bytes(response: Any) -> int:
-    """Body bytes the client was sent: counted by fileproxy when it relayed (splice included),
+    """Body bytes the client was sent: counted by fileproxy when it relayed (socket relay included),
     else what aiohttp wrote (a web.StreamResponse)."""
     counted = getattr(response, "body_bytes", None)
     return counted if counted is not None else response.body_length

@@ -65,7 +65,7 @@ async def serve_request(app: web.Application, request: ServedRequest, side: Clie
     try:
         target = check_request(request, config)
         outgoing = outgoing_request(request, config, target, exchange.request_id)
-        where = route(request.method, request.path, request.headers.get("Prefer"), config)
+        where = route(request.method, request.path, request.headers, config)
         if where is not Route.FORWARD:
             if elsewhere is None:
                 raise AssertionError(f"{where} reached a server adapter that cannot answer it")

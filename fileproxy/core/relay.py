@@ -17,12 +17,12 @@ from fileproxy.http.errors import ProxyError
 from fileproxy.upstream.aiohttp_client import UpstreamResponse
 from fileproxy.upstream.lean import LeanResponse
 from fileproxy.upstream.segments import SegmentedFetch, SegmentFailed
-from fileproxy.upstream.splice import (
+from fileproxy.upstream.socketrelay import (
     SinkGone,
     SourceCut,
     Timeouts,
-    can_splice,
-    splice_response_body,
+    can_take_over,
+    take_over_response_body,
 )
 
 log = logging.getLogger("fileproxy.core.relay")
@@ -48,7 +48,7 @@ class Streamed(Relayed, Protocol):
     """A response on its way to the client, as relay() drives it: aiohttp's (RelayedResponse) or
     the fast path's. write() returns once the client's side took the bytes (backpressure) and
     raises ConnectionError when the client is gone; flush() writes and returns once everything
-    left, before the rest is spliced behind it."""
+    left, before the rest goes socket to socket behind it."""
 
     @property
     def content_length(self) -> int | None: ...
@@ -99,7 +99,7 @@ async def relay(request: RelayingRequest, upstream: UpstreamResponse, config: Co
     """The upstream's response to the client: whole when it is small and already here, else
     streamed (headers first, then the body) within the total deadline."""
     whole = arrived_whole(request, upstream)
-    if whole is not None:  # (a GET's: no request body, so nothing was spliced)
+    if whole is not None:  # (a GET's: no request body, so nothing was taken over)
         return side.whole(upstream, whole)
     response = await side.start(upstream)
     try:
@@ -126,18 +126,19 @@ def within(deadline: float | None) -> AbstractAsyncContextManager[object]:
 
 async def relay_body(request: RelayingRequest, upstream: UpstreamResponse, response: Streamed,
                      config: Config, segments: SegmentedFetch | None = None) -> None:
-    """Send the upstream's body: in segments fetched side by side when planned, spliced when
-    large and of known length, else copied; a body cut short closes the client connection
-    instead of ending cleanly."""
+    """Send the upstream's body: in segments fetched side by side when planned, socket to
+    socket when large and of known length, else through the streams; a body cut short closes
+    the client connection instead of ending cleanly."""
     if body_expected(request, upstream):
         length = response.content_length
         if segments is not None:
             await copy_body(request, segments.chunks(upstream), response, config.client_timeout)
-        elif config.splice and upstream.connection is not None and \
-                can_splice(length, upstream.connection.transport, request.transport):
+        elif upstream.connection is not None and can_take_over(
+                config.socket_relay, length, upstream.connection.transport, request.transport):
             assert length is not None
-            await splice_relay(request, upstream, response, length,
-                               Timeouts(source=config.read_timeout, sink=config.client_timeout))
+            await socket_relay(request, upstream, response, length,
+                               Timeouts(source=config.read_timeout, sink=config.client_timeout),
+                               config.socket_relay)
         else:
             await copy_body(request, body_chunks(upstream), response, config.client_timeout)
     if response.aborted is None:
@@ -183,15 +184,15 @@ async def copy_body(request: RelayingRequest, chunks: AsyncIterator[bytes], resp
             response.body_bytes += len(chunk)
 
 
-async def splice_relay(request: RelayingRequest, upstream: UpstreamResponse,
-                       response: Streamed, length: int, timeouts: Timeouts) -> None:
-    """The zero-copy path (upstream/splice.py), with the same outcomes as copy_body. The
-    upstream connection's parser never saw the spliced bytes: a lean connection whose body went
+async def socket_relay(request: RelayingRequest, upstream: UpstreamResponse,
+                       response: Streamed, length: int, timeouts: Timeouts, mover: str) -> None:
+    """Socket to socket (upstream/socketrelay.py), with the same outcomes as copy_body. The
+    upstream connection's parser never saw those bytes: a lean connection whose body went
     through to its end takes a fresh parser and is reused; any other is closed."""
     complete = False
     try:
-        await splice_response_body(upstream, response, length, timeouts, request.transport,
-                                   response.flush)
+        await take_over_response_body(upstream, response, length, timeouts, request.transport,
+                                      response.flush, mover)
         complete = True
     except (SourceCut, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
         abort_client(request, response, f"upstream body cut short after "
@@ -200,7 +201,7 @@ async def splice_relay(request: RelayingRequest, upstream: UpstreamResponse,
         abort_client(request, response, f"client went away ({error})", fault="client")
     finally:
         if complete and isinstance(upstream, LeanResponse) and upstream.connection is not None:
-            upstream.connection.body_spliced()
+            upstream.connection.body_taken_over()
         else:
             upstream.close()
 

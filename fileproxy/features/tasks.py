@@ -531,10 +531,18 @@ async def task_result(request: web.Request) -> web.StreamResponse:
     manager, task = await found_task(request)
     if task.status != COMPLETED:
         return json_response(task.public(manager.status_url(task.id)), status=409)
+    return await send_result(request, manager, task)
+
+
+async def send_result(request: web.Request, manager: TaskManager, task: Task,
+                      extra: dict[str, str] | None = None) -> web.StreamResponse:
+    """A completed task's upstream response, streamed to the client, with `extra` headers."""
     response = web.StreamResponse(status=task.upstream_status or 502)
     for name, value in task.result_headers:
         if name.lower() not in ("content-length", "connection", "keep-alive"):
             response.headers.add(name, value)
+    for name, value in (extra or {}).items():
+        response.headers[name] = value
     response.content_length = task.bytes_received
     await response.prepare(request)
     async for chunk in manager.result_body(task):

@@ -1,7 +1,7 @@
-"""Resumable uploads (tus 1.0: core, creation, creation-with-upload, termination, checksum,
+"""Upload sessions and tus 1.0 (core, creation, creation-with-upload, termination, checksum,
 expiration) under the admin prefix. Sessions live in the state store, bytes in the spool (fsync'd
 before the offset advances); a finished upload is delivered upstream as one ordinary request through
-the async task machinery."""
+the async task machinery. The IETF draft (features/resumable.py) uses the same sessions."""
 
 from __future__ import annotations
 
@@ -45,13 +45,45 @@ INDEX = "uploads:index"
 @dataclass
 class Upload:
     id: str
-    length: int
+    length: int | None  # None: not known yet (an IETF upload before the client says)
     metadata: dict[str, str]
     created: float = field(default_factory=time.time)
     expires: float = 0.0
     offset: int = 0
     task_id: str | None = None
     broken: bool = False  # the last PATCH ended before its Content-Length
+    protocol: str = "tus"  # or "ietf" (features/resumable.py)
+    interop: int = 0  # ietf: the draft interop version it was created with
+    complete: bool = False  # ietf: the client marked it complete
+    method: str = ""  # ietf: the creating request's method, target and end-to-end headers
+    target: str = ""
+    headers: list[list[str]] = field(default_factory=list)
+    reserved: int = 0  # bytes counted against the spool quota
+
+    def __post_init__(self) -> None:
+        if not self.reserved and self.length:  # (a record from before `reserved`)
+            self.reserved = self.length
+
+    @property
+    def finished(self) -> bool:
+        """Every byte is in: tus when the offset reaches the length, ietf when the client said
+        so (Upload-Complete: ?1) and its request went through."""
+        return self.complete if self.protocol == "ietf" else self.offset == self.length
+
+    def delivery(self) -> tuple[str, str, list[list[str]]]:
+        """Method, target and headers of the request that delivers the finished file."""
+        if self.protocol == "ietf":
+            headers = [[name, value] for name, value in self.headers]
+        else:
+            headers = [["Content-Type", self.metadata.get("filetype",
+                                                         "application/octet-stream")]]
+        headers.append(["Content-Length", str(self.offset)])
+        if not any(name.lower() == "idempotency-key" for name, _ in headers):
+            headers.append(["Idempotency-Key", self.id])
+        method = self.method if self.protocol == "ietf" else \
+            self.metadata.get("method", "PUT").upper()
+        target = self.target if self.protocol == "ietf" else self.metadata["target"]
+        return method, target, headers
 
 
 def tus_headers(**extra: str) -> dict[str, str]:
@@ -66,6 +98,22 @@ class TusError(Exception):
     def response(self) -> QuietResponse:
         return QuietResponse(status=self.status, text=f"{self.status} {self.message}\n",
                              headers=tus_headers())
+
+
+class OffsetMismatch(TusError):
+    """An append at another offset than the upload's."""
+
+    def __init__(self, expected: int, provided: int) -> None:
+        super().__init__(409, f"Conflict: Upload-Offset must be {expected}")
+        self.expected, self.provided = expected, provided
+
+
+class TooLong(TusError):
+    """Over the size limit, or (`beyond_length`) more bytes than the upload's own length."""
+
+    def __init__(self, limit: int, message: str, beyond_length: bool = False) -> None:
+        super().__init__(413, f"Request Entity Too Large: {message}")
+        self.limit, self.beyond_length = limit, beyond_length
 
 
 def parse_metadata(header: str) -> dict[str, str]:
@@ -111,17 +159,35 @@ class Uploads:
     async def spool_in_use(self) -> int:
         return int(await self.store.incr("uploads:spool-bytes", 0))
 
+    async def reserve(self, upload: Upload, size: int) -> None:
+        """Count `size` more spool bytes for this upload against the quota (507 when full)."""
+        if await self.spool_in_use() + size > self.config.upload_spool_quota:
+            raise TusError(507, "Insufficient Storage: the upload spool is full; retry later")
+        await self.store.incr("uploads:spool-bytes", size)
+        upload.reserved += size
+
+    async def release(self, upload: Upload) -> None:
+        await self.store.incr("uploads:spool-bytes", -upload.reserved)
+        upload.reserved = 0
+
+    async def open_session(self, upload: Upload) -> None:
+        """A new upload: its spool file, its share of the quota, its record."""
+        if upload.length is not None and upload.length > self.config.upload_max_size:
+            raise TooLong(self.config.upload_max_size,
+                          f"the limit is {self.config.upload_max_size} bytes")
+        upload.reserved = 0
+        await self.reserve(upload, upload.length or 0)
+        await create_empty(self.path(upload.id))
+        await self.save(upload)
+        await self.store.index_add(INDEX, upload.id, upload.expires)
+        self.count("created")
+
     async def create(self, request: web.Request) -> Upload:
         check_version(request)
         length_header = request.headers.get("Upload-Length", "")
         if not ascii_number(length_header):
             raise TusError(400, "Bad Request: Upload-Length must be a whole number of bytes")
         length = int(length_header)
-        if length > self.config.upload_max_size:
-            raise TusError(413, f"Request Entity Too Large: the limit is "
-                                f"{self.config.upload_max_size} bytes")
-        if await self.spool_in_use() + length > self.config.upload_spool_quota:
-            raise TusError(507, "Insufficient Storage: the upload spool is full; retry later")
         header = request.headers.get("Upload-Metadata", "")
         if len(header) > self.config.max_header_size:
             raise TusError(431, f"Request Header Fields Too Large: Upload-Metadata over "
@@ -136,32 +202,40 @@ class Uploads:
             raise TusError(error.status, f"{error.message} (Upload-Metadata)") from None
         upload = Upload(secrets.token_urlsafe(24), length, metadata,
                         expires=time.time() + self.config.upload_ttl)
-        await create_empty(self.path(upload.id))
-        await self.store.incr("uploads:spool-bytes", length)
-        await self.save(upload)
-        await self.store.index_add(INDEX, upload.id, upload.expires)
-        self.count("created")
+        await self.open_session(upload)
         return upload
 
     async def append(self, request: web.Request, upload: Upload,
                      creating: bool = False) -> Upload:
-        """Write the PATCH body at the upload's offset, fsync'd; a checksum mismatch (460)
-        discards the chunk. A PATCH to an upload another PATCH holds asks that one to let go
-        (UploadLock: it does once it stalled) and goes on then: 423 when it never does. The body of a
-        creation-with-upload POST is a PATCH at offset 0 (it need not say Upload-Offset)."""
+        """tus: write the PATCH body at the upload's offset, fsync'd; a checksum mismatch (460)
+        discards the chunk. The body of a creation-with-upload POST is a PATCH at offset 0 (it
+        need not say Upload-Offset)."""
         check_version(request)
         if request.content_type != OFFSET_TYPE:
             raise TusError(415, f"Unsupported Media Type: PATCH bodies are {OFFSET_TYPE}")
         offset = request.headers.get("Upload-Offset", "0" if creating else "")
-        if not ascii_number(offset) or int(offset) != upload.offset:
+        if not ascii_number(offset):
             raise TusError(409, f"Conflict: Upload-Offset must be {upload.offset}")
         digest, expected = checksum_of(request.headers.get("Upload-Checksum"))
+        return await self.write_at(request, upload, int(offset), digest, expected)
+
+    async def write_at(self, request: web.Request, upload: Upload, offset: int,
+                       digest: Any = None, expected: bytes | None = None,
+                       length: int | None = None) -> Upload:
+        """Append the request body at `offset`, which must be the upload's (OffsetMismatch);
+        `length` is the upload's, when this request is the first to tell. A request to an
+        upload another one holds asks that one to let go (UploadLock: it does once it
+        stalled) and goes on then: 423 when it never does."""
+        if offset != upload.offset:
+            raise OffsetMismatch(upload.offset, offset)
         handover = self.lock_of(upload.id)
         try:
             async with handover.held(lambda why: let_go(request, why)) as lock:
                 upload = await self.load(upload.id)  # the offset as it is now, under the lock
-                if int(offset) != upload.offset:
-                    raise TusError(409, f"Conflict: Upload-Offset must be {upload.offset}")
+                if offset != upload.offset:
+                    raise OffsetMismatch(upload.offset, offset)
+                if length is not None and upload.length is None:
+                    await self.learn_length(upload, length)
                 if upload.broken:
                     self.count("resumed")
                     upload.broken = False
@@ -188,9 +262,7 @@ class Uploads:
             try:
                 async for chunk in client_body(request, self.config.client_timeout,
                                                close_on_stall=False):
-                    if upload.offset + len(chunk) > upload.length:
-                        raise TusError(413, "Request Entity Too Large: more bytes than "
-                                            "Upload-Length")
+                    await self.make_room(upload, upload.offset + len(chunk))
                     handover.received()
                     await handle.write(chunk)
                     if digest is not None:
@@ -228,6 +300,32 @@ class Uploads:
         finally:
             await handle.close()
 
+    async def learn_length(self, upload: Upload, length: int) -> None:
+        """An upload of unknown length learns it: within the limit, its quota share grown to
+        it (kept with the first bytes persisted)."""
+        if length > self.config.upload_max_size:
+            raise TooLong(self.config.upload_max_size,
+                          f"the limit is {self.config.upload_max_size} bytes")
+        if length < upload.offset:
+            raise TooLong(length, "more bytes than Upload-Length", beyond_length=True)
+        await self.reserve(upload, max(0, length - upload.reserved))
+        upload.length = length
+
+    async def make_room(self, upload: Upload, end: int) -> None:
+        """Bytes up to `end` may be written: within the length, or for an upload of unknown
+        length within the size limit, its quota share grown in 8 MiB steps."""
+        if upload.length is not None:
+            if end > upload.length:
+                raise TooLong(upload.length, "more bytes than Upload-Length",
+                              beyond_length=True)
+            return
+        if end > self.config.upload_max_size:
+            raise TooLong(self.config.upload_max_size,
+                          f"more bytes than the limit of {self.config.upload_max_size}")
+        if end > upload.reserved:
+            step = max(end - upload.reserved, 8 << 20)
+            await self.reserve(upload, min(step, self.config.upload_max_size - upload.reserved))
+
     async def persist(self, handle: SpoolFile, upload: Upload) -> None:
         """fsync first, then advance the stored offset: a crash never reports unkept bytes."""
         await handle.sync()
@@ -238,7 +336,7 @@ class Uploads:
         await self.store.delete(f"upload:{upload.id}")
         await self.store.index_remove(INDEX, upload.id)
         if upload.task_id is None:  # a delivered upload's file belongs to its task now
-            await self.store.incr("uploads:spool-bytes", -upload.length)
+            await self.release(upload)
             await remove(self.path(upload.id))
 
     async def finish(self, upload: Upload, client: str) -> Task:
@@ -246,19 +344,27 @@ class Uploads:
         upload's, so doing this again after a crash half way is harmless); its file becomes the
         task's. The upload's id goes as Idempotency-Key: delivered at least once (tried again
         until accepted or expired), the origin can recognise a repeat."""
-        metadata = upload.metadata
-        headers = [[name, value] for name, value in
-                   (("Content-Type", metadata.get("filetype", "application/octet-stream")),
-                    ("Content-Length", str(upload.length)), ("Idempotency-Key", upload.id))]
+        method, target, headers = upload.delivery()
         task = await self.tasks.submit_file(
-            f"u{upload.id}", metadata.get("method", "PUT").upper(), metadata["target"], headers,
-            self.path(upload.id), upload.length, client, deliver_until=upload.expires)
+            f"u{upload.id}", method, target, headers, self.path(upload.id), upload.offset,
+            client, deliver_until=upload.expires)
         if upload.task_id is None:
             upload.task_id = task.id
-            await self.save(upload)
-            await self.store.incr("uploads:spool-bytes", -upload.length)
+            await self.save(upload)  # (first: a crash in between leaks quota, never frees twice)
+            await self.release(upload)
             self.count("completed")
         return task
+
+    async def delivery_outcome(self, task_id: str) -> Task | None:
+        """The delivery as it stands after at most --upload-delivery-wait seconds: back as soon
+        as the upstream answered (or the delivery failed for good)."""
+        deadline = time.monotonic() + self.config.upload_delivery_wait
+        while True:
+            task = await self.tasks.load(task_id)
+            if task is None or task.status in ("completed", "failed") \
+                    or time.monotonic() >= deadline:
+                return task
+            await asyncio.sleep(0.05)
 
     async def finish_stranded(self) -> int:
         """Uploads whose every byte is in but whose delivery was never handed over (the worker
@@ -269,7 +375,7 @@ class Uploads:
             if raw is None:
                 continue
             upload = Upload(**json.loads(raw))
-            if upload.offset == upload.length and upload.task_id is None:
+            if upload.finished and upload.task_id is None:
                 log.warning("upload %s was complete without a delivery: handing it over now",
                             upload.id)
                 await self.finish(upload, "-")
@@ -384,16 +490,24 @@ async def create(request: web.Request) -> web.StreamResponse:
     return QuietResponse(status=201, headers=headers)
 
 
-async def head(request: web.Request) -> web.StreamResponse:
-    """Where the upload stands. A PATCH that still holds it but stalled (its client reconnected
-    and asks here first) is asked to let go first, so the offset is what it kept."""
+async def current_state(request: web.Request, upload: Upload) -> Upload:
+    """The upload as a HEAD reports it. A PATCH that still holds it but stalled (its client
+    reconnected and asks here first) is asked to let go first, so the offset is what it kept;
+    a finished upload whose delivery was never handed over (its last PATCH was cut short just
+    then) is handed over now."""
     uploads = uploads_of(request)
-    upload = await uploads.load(request.match_info["upload_id"])
-    if upload.offset < upload.length:
+    if not upload.finished:
         await uploads.lock_of(upload.id).wait_for_a_stalled_holder()
         upload = await uploads.load(upload.id)
-    if upload.offset == upload.length and upload.task_id is None:
-        await uploads.finish(upload, request.remote or "-")  # (its last PATCH was cut short)
+    if upload.finished and upload.task_id is None:
+        await uploads.finish(upload, request.remote or "-")
+    return upload
+
+
+async def head(request: web.Request, upload: Upload) -> web.StreamResponse:
+    """Where the upload stands."""
+    uploads = uploads_of(request)
+    upload = await current_state(request, upload)
     delivery = await delivery_headers(uploads, upload)
     metadata = ",".join(f"{key} {base64.b64encode(value.encode()).decode()}"
                         for key, value in upload.metadata.items())
@@ -424,19 +538,17 @@ def delivery_status(task: Task | None) -> str:
     return "delivered" if task.status == "completed" else "pending"
 
 
-async def patch(request: web.Request) -> web.StreamResponse:
+async def patch(request: web.Request, upload: Upload) -> web.StreamResponse:
     uploads = uploads_of(request)
-    upload = await uploads.load(request.match_info["upload_id"])
     upload = await uploads.append(request, upload)
     headers = tus_headers(**{"Upload-Offset": str(upload.offset)}, **expires_header(upload))
     headers.update(await finish_if_complete(request, uploads, upload))
     return QuietResponse(status=204, headers=headers)
 
 
-async def delete(request: web.Request) -> web.StreamResponse:
+async def delete(request: web.Request, upload: Upload) -> web.StreamResponse:
     check_version(request)
-    uploads = uploads_of(request)
-    await uploads.terminate(await uploads.load(request.match_info["upload_id"]))
+    await uploads_of(request).terminate(upload)
     return QuietResponse(status=204, headers=tus_headers())
 
 
@@ -444,18 +556,13 @@ async def finish_if_complete(request: web.Request, uploads: Uploads,
                              upload: Upload) -> dict[str, str]:
     """The last byte is in: deliver the file upstream as one request (an async task), and say
     what the upstream answered if it answers within --upload-delivery-wait."""
-    if upload.offset != upload.length or upload.task_id is not None:
+    if not upload.finished or upload.task_id is not None:
         return {}
     task = await uploads.finish(upload, request.remote or "-")
-    tasks = uploads.tasks
-    answer = {"Fileproxy-Delivery": tasks.status_url(task.id)}
-    deadline = time.monotonic() + uploads.config.upload_delivery_wait
-    while time.monotonic() < deadline:
-        current = await tasks.load(task.id)
-        if current is not None and current.status in ("completed", "failed"):
-            answer["Fileproxy-Upstream-Status"] = str(current.upstream_status or 502)
-            break
-        await asyncio.sleep(0.05)
+    answer = {"Fileproxy-Delivery": uploads.tasks.status_url(task.id)}
+    outcome = await uploads.delivery_outcome(task.id)
+    if outcome is not None and outcome.status in ("completed", "failed"):
+        answer["Fileproxy-Upstream-Status"] = str(outcome.upstream_status or 502)
     return answer
 
 
@@ -471,15 +578,3 @@ def tus_errors(handler: Any) -> Any:
                                  headers=tus_headers(**{"Retry-After": "5"}))
 
     return wrapped
-
-
-def add_upload_routes(app: web.Application, prefix: str) -> None:
-    base = f"{prefix}/uploads"
-    routes = app.router
-    for collection in (base, base + "/"):  # (clients are set up with and without the slash)
-        routes.add_route("OPTIONS", collection, tus_errors(options))
-        routes.add_post(collection, tus_errors(create))
-    routes.add_route("OPTIONS", base + "/{upload_id}", tus_errors(options))
-    routes.add_route("HEAD", base + "/{upload_id}", tus_errors(head))
-    routes.add_route("PATCH", base + "/{upload_id}", tus_errors(patch))
-    routes.add_delete(base + "/{upload_id}", tus_errors(delete))

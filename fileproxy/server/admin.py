@@ -11,7 +11,7 @@ from fileproxy import __version__
 from fileproxy.config import Config
 from fileproxy.core.keys import CONFIG, LEGACY, METRICS, UPSTREAMS
 from fileproxy.features.tasks import add_task_routes
-from fileproxy.features.uploads import add_upload_routes
+from fileproxy.features.uploadroutes import add_upload_routes
 from fileproxy.http.responses import QuietResponse, json_response
 from fileproxy.observability.metrics import stats
 from fileproxy.state import STORE, StateUnavailable

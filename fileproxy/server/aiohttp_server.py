@@ -15,13 +15,14 @@ from fileproxy.core.exchange import Exchange, request_id_for
 from fileproxy.core.forward import serve_request
 from fileproxy.core.keys import CONFIG, LEGACY
 from fileproxy.core.routing import Route
+from fileproxy.features import resumable
 from fileproxy.features.tasks import TASKS, task_unavailable
 from fileproxy.http.errors import ProxyError
 from fileproxy.http.headers import Outgoing, peer_address, response_headers, response_length
 from fileproxy.observability.accesslog import EXCHANGE
 from fileproxy.state import StateUnavailable
-from fileproxy.upstream.aiohttp_client import UpstreamResponse, body_payload, close_if_spliced
-from fileproxy.upstream.splice import write_all
+from fileproxy.upstream.aiohttp_client import UpstreamResponse, body_payload, close_if_taken_over
+from fileproxy.upstream.socketrelay import write_all
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -37,6 +38,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             return await app[LEGACY][request.path](request)
         if where is Route.TASK:
             return await submit_task(request, outgoing, exchange)
+        if where is Route.UPLOAD:
+            return await resumable_upload(request, outgoing, exchange)
         raise ProxyError(404, f"Not Found: no fileproxy endpoint {request.path}")
 
     return await serve_request(app, request, AiohttpSide(request), exchange,
@@ -52,6 +55,18 @@ async def submit_task(request: web.Request, outgoing: Outgoing,
     except StateUnavailable as error:
         exchange.outcome, exchange.detail = "rejected", str(error)
         return task_unavailable(error)
+
+
+async def resumable_upload(request: web.Request, outgoing: Outgoing,
+                           exchange: Exchange) -> web.StreamResponse:
+    """A request carrying Upload-Complete: an upload resource (features/resumable.py)."""
+    try:
+        return await resumable.create(request, outgoing)
+    except StateUnavailable as error:
+        exchange.outcome, exchange.detail = "rejected", str(error)
+        return task_unavailable(error)
+    finally:
+        exchange.bytes_in = request.content.total_bytes  # (kept in the spool)
 
 
 class RelayedResponse(NoDefaultHeaders, web.StreamResponse):
@@ -100,7 +115,7 @@ class AiohttpSide:
     async def start(self, upstream: UpstreamResponse) -> RelayedResponse:
         """Send the upstream's status and headers (Content-Length kept when it gave one)."""
         response = RelayedResponse(upstream)
-        close_if_spliced(self.request, response)
+        close_if_taken_over(self.request, response)
         length = response_length(upstream)
         if length is not None:
             response.content_length = length
@@ -113,7 +128,7 @@ class AiohttpSide:
         if self.request.version not in SUPPORTED_VERSIONS:
             answer_as_http11(self.request)
         response = error.response(request_id)
-        close_if_spliced(self.request, response)
+        close_if_taken_over(self.request, response)
         return response
 
 

@@ -14,12 +14,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 METHODS = "GET, HEAD, POST, PATCH, DELETE, OPTIONS"
 ALLOWED_HEADERS = ("Authorization, Content-Type, Tus-Resumable, Upload-Length, Upload-Metadata, "
                    "Upload-Offset, Upload-Checksum, Upload-Defer-Length, Upload-Concat, "
-                   "Upload-Complete, Upload-Draft-Interop-Version, X-Request-Id, "
+                   "Upload-Complete, Upload-Draft-Interop-Version, Fileproxy-Upload-Token, "
+                   "X-Request-Id, "
                    "X-HTTP-Method-Override, Prefer")
 EXPOSED_HEADERS = ("Location, Upload-Offset, Upload-Length, Upload-Expires, Upload-Metadata, "
-                   "Upload-Complete, Upload-Limit, Tus-Version, Tus-Resumable, Tus-Max-Size, "
-                   "Tus-Extension, Tus-Checksum-Algorithm, X-Request-Id, Retry-After, "
-                   "Preference-Applied, Fileproxy-Delivery, Fileproxy-Delivery-Status, "
+                   "Upload-Complete, Upload-Limit, Upload-Draft-Interop-Version, Tus-Version, "
+                   "Tus-Resumable, Tus-Max-Size, Tus-Extension, Tus-Checksum-Algorithm, "
+                   "X-Request-Id, Retry-After, Preference-Applied, Fileproxy-Delivery, "
+                   "Fileproxy-Delivery-Status, "
                    "Fileproxy-Upstream-Status")
 
 

@@ -6,7 +6,7 @@ connection starts on a lean protocol: it finds each request head in its buffer a
 httptools (llhttp). A GET on HTTP/1.1 with a well-formed request line, no body, no Expect or
 Upgrade, that the request path routes to the upstream, is served here through the same request path
 as everywhere else (core.forward.serve_request: checks, routing, admission, upstream choice,
-retries, breaker, metrics, errors; core.relay: whole, copied or spliced, with the same timeouts and
+retries, breaker, metrics, errors; core.relay: whole, streamed or socket to socket, with the same timeouts and
 abort rules). Anything else, including anything the parser refuses, is handed to aiohttp's server
 with the connection, from the first byte of that request on; aiohttp then keeps that connection
 and sends its requests through the same serve_request (server/aiohttp_server.py).
@@ -39,6 +39,7 @@ from fileproxy.http.errors import ProxyError
 from fileproxy.http.headers import Outgoing, parser_limit, response_headers, response_length
 from fileproxy.observability.accesslog import AccessLogger, exchange_fields
 from fileproxy.upstream.aiohttp_client import UpstreamResponse
+from fileproxy.upstream.sockets import SocketOptions
 
 # Headers that mean "not a plain GET": a body, an interim exchange, a protocol switch, async.
 HANDED_OVER_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
@@ -109,7 +110,7 @@ class Gate:
         request = FastRequest(url.decode("utf-8", "surrogateescape"), tuple(raw_headers), headers,
                               connection.remote, connection.scheme, keep_alive,
                               connection.transport)
-        if route("GET", request.path, None, self.config) is not Route.FORWARD:
+        if route("GET", request.path, headers, self.config) is not Route.FORWARD:
             return None
         return request
 
@@ -142,6 +143,7 @@ class FastServer:
         self.served = 0
         self.closing = False
         self.head_limit = 2 * self.config.max_header_size + 8192
+        self.socket_options = SocketOptions.from_config(self.config)
 
     def __call__(self) -> asyncio.Protocol:
         if not self.config.fast_path:
@@ -150,7 +152,12 @@ class FastServer:
 
     def aiohttp_handler(self) -> asyncio.Protocol:
         """aiohttp's connection handler, its own refusals answered in fileproxy's words."""
-        return request_handler(self.inner, refusal, self.config.client_header_timeout)
+        return request_handler(self.inner, refusal, self.config.client_header_timeout,
+                               self.connected)
+
+    def connected(self, transport: asyncio.BaseTransport) -> None:
+        """A new client connection: a short path keeps the system's congestion control."""
+        self.socket_options.fit_congestion(transport.get_extra_info("socket"))
 
     @property
     def requests_count(self) -> int:
@@ -207,6 +214,7 @@ class FastConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.connected(transport)
         peer = transport.get_extra_info("peername")
         self.remote = str(peer[0]) if isinstance(peer, (list, tuple)) and peer else None
         if transport.get_extra_info("sslcontext") is not None:
@@ -366,7 +374,7 @@ class FastConnection(asyncio.Protocol):
                 raise ConnectionResetError("the client took no bytes") from None
 
     async def flushed(self) -> None:
-        """Returns once every byte written so far left the process (before a splice)."""
+        """Returns once every byte written so far left the process (before the socket relay takes over)."""
         transport = self.transport
         if transport is None:
             raise ConnectionResetError("client connection closed")

@@ -1,2 +1,2 @@
 """Upstream adapters: sending a request and reading its answer (the lean client, aiohttp's client),
-zero-copy splice, segmented range fetch, socket options."""
+socket-to-socket relay (copy or splice), segmented range fetch, socket options."""

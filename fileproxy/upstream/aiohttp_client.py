@@ -31,8 +31,8 @@ from fileproxy.upstream.lean import (
     LeanResponse,
     can_use,
 )
+from fileproxy.upstream.socketrelay import Timeouts, can_take_over, take_over_request_body
 from fileproxy.upstream.sockets import SocketOptions
-from fileproxy.upstream.splice import Timeouts, can_splice, splice_request_body
 
 # What aiohttp would add on its own; a transparent proxy sends only what the client sent.
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -66,7 +66,7 @@ def make_session(config: Config) -> ClientSession:
 UpstreamResponse = ClientResponse | LeanResponse
 
 
-# Set on a request whose body was spliced: aiohttp's parser for that connection is out of step,
+# Set on a request whose body went socket to socket: aiohttp's parser for that connection is out of step,
 # so the response closes it.
 CLOSE_CLIENT = web.RequestKey("close_client", bool)
 
@@ -90,35 +90,43 @@ class ForwardedBody(Payload):
 
 
 class ClientBody(ForwardedBody):
-    """The client's request body for aiohttp's client: streamed as it arrives, or spliced when large
-    (upstream/splice.py). Sends the client its 100 Continue when the upstream asked for the body."""
+    """The client's request body for aiohttp's client: streamed as it arrives, or socket to
+    socket when large (upstream/socketrelay.py). Sends the client its 100 Continue when the
+    upstream asked for the body. The upstream connection's congestion control is fitted to its
+    path first (the body is what fileproxy sends on it)."""
 
-    def __init__(self, request: web.Request, splice: bool, timeouts: Timeouts) -> None:
+    def __init__(self, request: web.Request, socket_relay: str, timeouts: Timeouts,
+                 socket_options: SocketOptions) -> None:
         super().__init__(request.content)
         self._request = request
-        self._splice = splice
+        self._socket_relay = socket_relay
         self._timeouts = timeouts  # source: the client stalling; sink: the upstream
+        self._socket_options = socket_options
 
     async def write_with_length(self, writer: AbstractStreamWriter,
                                 content_length: int | None) -> None:
         self.sent = True
         mark_consumed(self)  # the client's bytes go once only: no replay
+        if writer.transport is not None:
+            self._socket_options.fit_congestion(writer.transport.get_extra_info("socket"))
         request = self._request
         await send_100_continue(request)
         length = request.content_length
-        if self._splice and isinstance(writer, StreamWriter) and length is not None \
-                and can_splice(length, request.transport, writer.transport):
+        if isinstance(writer, StreamWriter) and can_take_over(
+                self._socket_relay, length, request.transport, writer.transport):
+            assert length is not None
             request[CLOSE_CLIENT] = True
-            await splice_request_body(request, writer, length, self, self._timeouts)
+            await take_over_request_body(request, writer, length, self, self._timeouts,
+                                         self._socket_relay)
             return
         async for chunk in client_body(request, self._timeouts.source):
             await writer.write(chunk)
             self.body_bytes += len(chunk)
 
 
-def close_if_spliced(request: web.Request, response: web.StreamResponse) -> None:
-    """Before a response is prepared: a spliced upload's connection carries no further request,
-    so the response says Connection: close and the connection closes after it."""
+def close_if_taken_over(request: web.Request, response: web.StreamResponse) -> None:
+    """Before a response is prepared: after an upload relayed socket to socket the connection
+    carries no further request, so the response says Connection: close and it closes after."""
     if request.get(CLOSE_CLIENT):
         response.force_close()
 
@@ -126,8 +134,9 @@ def close_if_spliced(request: web.Request, response: web.StreamResponse) -> None
 def body_payload(request: web.Request, outgoing: Outgoing, config: Config) -> ClientBody | None:
     if not outgoing.has_body:
         return None
-    return ClientBody(request, config.splice,
-                      Timeouts(source=config.client_timeout, sink=config.read_timeout))
+    return ClientBody(request, config.socket_relay,
+                      Timeouts(source=config.client_timeout, sink=config.read_timeout),
+                      SocketOptions.from_config(config))
 
 
 async def send(session: ClientSession, upstream: Upstream, outgoing: Outgoing,

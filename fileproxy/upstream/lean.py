@@ -57,7 +57,7 @@ class HeadTooLarge(Exception):
 
 class LeanBody:
     """The response body as it arrives: readany() for the copy loop, read_nowait()/total_bytes
-    for the splice take-over. Reading pauses past `limit` buffered bytes (backpressure)."""
+    for the socket-to-socket take-over. Reading pauses past `limit` buffered bytes (backpressure)."""
 
     def __init__(self, connection: LeanConnection, limit: int, read_timeout: float) -> None:
         self._connection = connection
@@ -170,7 +170,7 @@ class LeanConnection(asyncio.Protocol):
 
     @property
     def protocol(self) -> LeanConnection:
-        """The splice take-over pauses reading through `connection.protocol`, as with aiohttp."""
+        """The socket-relay take-over pauses reading through `connection.protocol`, as with aiohttp."""
         return self
 
     # -- asyncio.Protocol
@@ -302,8 +302,8 @@ class LeanConnection(asyncio.Protocol):
         if not head.done():
             head.set_exception(TimeoutError())
 
-    def body_spliced(self) -> None:
-        """The rest of the body left the socket by splice, exactly to its end: the parser never
+    def body_taken_over(self) -> None:
+        """The rest of the body left the socket by the socket relay, exactly to its end: the parser never
         saw those bytes, so a fresh one takes the next response and the connection, at a message
         boundary, can go back to the pool (saving the next request a handshake)."""
         self.parser = httptools.HttpResponseParser(self)
@@ -581,6 +581,7 @@ class LeanPool:
             sock.setblocking(False)
             try:
                 await asyncio.get_running_loop().sock_connect(sock, info[4])
+                self.socket_options.fit_congestion(sock)
                 return sock
             except OSError as failed:
                 sock.close()

@@ -2,12 +2,14 @@
 //
 //   node upload.mjs --file PATH --endpoint URL --target /echo/x [--chunk-size N]
 //                   [--data-during-creation] [--store urls.json] [--resume]
-//                   [--abort-after N] [--timeout SECONDS]
+//                   [--abort-after N] [--timeout SECONDS] [--protocol tus-v1|ietf-draft-05]
+//                   [--retry-delays MS,MS,...]
 //
 // --store keeps the fingerprint -> upload URL map in a JSON file (tus-js-client's
 // FileUrlStorage), so a second run with --resume finds the upload with findPreviousUploads()
 // and continues it with resumeFromPreviousUpload(). --abort-after calls upload.abort() from
-// onProgress once that many bytes are reported. Exit status: 0 success or deliberate abort,
+// onProgress once that many bytes are reported. With --protocol ietf-draft-05 the endpoint is
+// the proxied path itself (the IETF resumable-upload draft, interop version 6). Exit status: 0 success or deliberate abort,
 // 1 upload error, 2 usage error or timeout.
 import * as fs from 'node:fs';
 import { parseArgs } from 'node:util';
@@ -25,6 +27,8 @@ const { values: args } = parseArgs({
     resume: { type: 'boolean', default: false },
     'abort-after': { type: 'string' },
     timeout: { type: 'string', default: '60' },
+    protocol: { type: 'string', default: 'tus-v1' },
+    'retry-delays': { type: 'string', default: '0,1000,3000,5000' },
   },
 });
 
@@ -60,9 +64,10 @@ setTimeout(() => {
 
 const upload = new Upload(fs.createReadStream(args.file), {
   endpoint: args.endpoint,
+  protocol: args.protocol,
   chunkSize: args['chunk-size'] === undefined ? Number.POSITIVE_INFINITY : Number(args['chunk-size']),
   uploadDataDuringCreation: args['data-during-creation'],
-  retryDelays: [0, 1000, 3000, 5000],
+  retryDelays: args['retry-delays'].split(',').map(Number),
   metadata: { target: args.target, filename: 'tusjs.bin', filetype: 'application/x-tusjs' },
   ...(args.store ? { urlStorage: new FileUrlStorage(args.store) } : {}),
   storeFingerprintForResuming: Boolean(args.store),

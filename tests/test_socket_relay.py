@@ -1,4 +1,5 @@
-"""The zero-copy path for large Content-Length bodies, against the ordinary one: same outcomes."""
+"""The socket relay for large Content-Length bodies (copy and splice movers), against the ordinary
+streams: same outcomes."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from tests.pattern import pattern, pattern_sha256
 from tests.test_streaming import sha256_of
 
 MIB = 1024 * 1024
+RELAYS = ["copy", "splice", "off"]
 
 
-@pytest.mark.parametrize("splice", [True, False])
-async def test_large_download_byte_exact_either_way(origin, make_proxy, client, splice):
-    proxy = await make_proxy(origin.url, splice=splice)
+@pytest.mark.parametrize("socket_relay", RELAYS)
+async def test_large_download_byte_exact_either_way(origin, make_proxy, client, socket_relay):
+    proxy = await make_proxy(origin.url, socket_relay=socket_relay)
     size = 64 * MIB + 12345
     async with client.get(f"{proxy.url}/bytes/{size}") as response:
         assert response.headers["Content-Length"] == str(size)
@@ -22,11 +24,13 @@ async def test_large_download_byte_exact_either_way(origin, make_proxy, client, 
 
 
 @pytest.mark.parametrize(("settings", "connections"), [
-    ({"splice": True}, 1),  # the lean client's connection takes a fresh parser (test below)
-    ({"splice": True, "lean_client": False}, 2),  # aiohttp's parser cannot be reset: dropped
-    ({"splice": False}, 1),
-], ids=["splice-lean", "splice-aiohttp-client", "copy"])
-async def test_upstream_connection_is_dropped_only_where_its_parser_missed_a_spliced_body(
+    ({"socket_relay": "copy"}, 1),  # the lean client's connection takes a fresh parser
+    ({"socket_relay": "splice"}, 1),
+    ({"socket_relay": "copy", "lean_client": False}, 2),  # aiohttp's parser cannot be reset
+    ({"socket_relay": "splice", "lean_client": False}, 2),
+    ({"socket_relay": "off"}, 1),
+], ids=["copy-lean", "splice-lean", "copy-aiohttp-client", "splice-aiohttp-client", "off"])
+async def test_upstream_connection_is_dropped_only_where_its_parser_missed_a_relayed_body(
         origin, make_proxy, client, settings, connections):
     proxy = await make_proxy(origin.url, **settings)
     for _ in range(2):
@@ -35,7 +39,7 @@ async def test_upstream_connection_is_dropped_only_where_its_parser_missed_a_spl
     assert origin.connections() == connections
 
 
-async def test_client_connection_stays_usable_after_a_spliced_body(proxy):
+async def test_client_connection_stays_usable_after_a_relayed_body(proxy):
     raw = await raw_exchange(proxy.port, f"GET /bytes/{3 * MIB} HTTP/1.1\r\nHost: t\r\n\r\n"
                                          "GET /status/200 HTTP/1.1\r\nHost: t\r\n"
                                          "Connection: close\r\n\r\n".encode())
@@ -44,17 +48,17 @@ async def test_client_connection_stays_usable_after_a_spliced_body(proxy):
     assert rest[3 * MIB:].startswith(b"HTTP/1.1 200 OK") and rest.endswith(b"origin says 200\n")
 
 
-@pytest.mark.parametrize("splice", [True, False])
-async def test_cut_large_body_aborts_the_client_either_way(origin, make_proxy, client, splice):
-    proxy = await make_proxy(origin.url, splice=splice)
+@pytest.mark.parametrize("socket_relay", RELAYS)
+async def test_cut_large_body_aborts_the_client_either_way(origin, make_proxy, client, socket_relay):
+    proxy = await make_proxy(origin.url, socket_relay=socket_relay)
     async with client.get(f"{proxy.url}/truncate?size={8 * MIB}&send={3 * MIB}") as response:
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
 
 
-@pytest.mark.parametrize("splice", [True, False])
-async def test_stalled_large_body_aborts_the_client_either_way(origin, make_proxy, client, splice):
-    proxy = await make_proxy(origin.url, splice=splice, read_timeout=0.5)
+@pytest.mark.parametrize("socket_relay", RELAYS)
+async def test_stalled_large_body_aborts_the_client_either_way(origin, make_proxy, client, socket_relay):
+    proxy = await make_proxy(origin.url, socket_relay=socket_relay, read_timeout=0.5)
     async with client.get(f"{proxy.url}/stall?send={2 * MIB}&pause=5") as response:
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
@@ -88,13 +92,13 @@ async def test_slow_upload_longer_than_read_timeout_is_fine(origin, make_proxy, 
         assert (await response.json())["body_length"] == 2_000_000
 
 
-@pytest.mark.parametrize("splice", [True, False])
-async def test_upload_whose_body_comes_late_is_byte_exact(origin, make_proxy, splice):
+@pytest.mark.parametrize("socket_relay", RELAYS)
+async def test_upload_whose_body_comes_late_is_byte_exact(origin, make_proxy, socket_relay):
     """Nothing of the body is buffered when the proxy takes it over: the request headers must
     still reach the upstream before the body does."""
     import asyncio
 
-    proxy = await make_proxy(origin.url, splice=splice)
+    proxy = await make_proxy(origin.url, socket_relay=socket_relay)
     size = 8 * MIB + 3
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(f"PUT /echo/late HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\r\n".encode())
@@ -108,14 +112,15 @@ async def test_upload_whose_body_comes_late_is_byte_exact(origin, make_proxy, sp
     body = await reader.readexactly(length)
     assert head.startswith(b"HTTP/1.1 200")
     assert pattern_sha256(size, seed=9).encode() in body
-    # A spliced upload's connection is closed after the response (and says so); else it is kept.
-    assert (b"Connection: close" in head) == splice
-    if splice:
+    # After an upload relayed socket to socket the connection is closed (and says so); else kept.
+    taken_over = socket_relay != "off"
+    assert (b"Connection: close" in head) == taken_over
+    if taken_over:
         assert await asyncio.wait_for(reader.read(), 2) == b""
     writer.close()
 
 
-async def test_upstream_gone_mid_spliced_upload_ends_the_exchange(make_proxy, client):
+async def test_upstream_gone_mid_relayed_upload_ends_the_exchange(make_proxy, client):
     from tests.rawserver import RawServer
 
     async with RawServer(lambda _request: None) as origin:
@@ -134,9 +139,9 @@ async def test_upstream_gone_mid_spliced_upload_ends_the_exchange(make_proxy, cl
     assert sum(r.head.startswith(b"PUT") for r in origin.requests) == 1
 
 
-async def test_an_upstream_connection_is_reused_after_a_spliced_download(origin, make_proxy,
+async def test_an_upstream_connection_is_reused_after_a_relayed_download(origin, make_proxy,
                                                                          client):
-    """The spliced bytes bypass the lean connection's parser; a body that went through to its
+    """The relayed bytes bypass the lean connection's parser; a body that went through to its
     end leaves the connection at a message boundary, so the next request reuses it (on a long
     upstream link that saves a handshake per download)."""
     proxy = await make_proxy(origin.url)
