@@ -89,7 +89,7 @@ def tusjs_upload(base: str, path: Path, target: str, deadline: float,
     outcome = json.loads(lines[-1])
     result: dict[str, object] = {
         "completed": bool(outcome["ok"]), "seconds": round(time.monotonic() - started, 1),
-        "attempts": sum(1 for method, *_ in outcome["requests"] if method == "PATCH")}
+        "attempts": outcome["patchesSent"]}
     if outcome["ok"]:
         delivery = outcome["lastResponse"]["headers"].get("fileproxy-delivery", "")
         result["intact"] = delivered_intact(base + delivery, path)

@@ -238,6 +238,12 @@ class Config:
     read_size: int = setting(256 * 1024, positive(parse_size),
                              "bytes read from a peer per chunk and buffered per direction",
                              metavar="SIZE")
+    upstream_resume_attempts: int = setting(
+        5, parse_count,
+        "a GET response with a strong validator and Accept-Ranges whose upstream connection "
+        "dies, stalls past --read-timeout or is reset mid-body is continued with Range + "
+        "If-Range into the same client response; the client is cut after this many attempts "
+        "in a row bring no new byte (0: cut at once, as nginx)", metavar="N")
     upstream_segments: int = setting(
         1, positive(parse_count),
         "fetch a large GET's body from the upstream as this many byte ranges at once, relayed "

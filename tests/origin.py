@@ -9,6 +9,8 @@ import argparse
 import asyncio
 import gzip
 import hashlib
+import socket
+import struct
 import time
 
 from aiohttp import web
@@ -84,33 +86,59 @@ CUTS = web.AppKey("cuts", dict)
 
 
 async def flaky_bytes_handler(request: web.Request) -> web.StreamResponse:
-    """/flaky/{size}?cuts=N&key=K: like /bytes (Range, ETag), but the first N responses for K
-    stop a third of the way through and drop the connection."""
+    """/flaky/{size}?cuts=N&key=K: like /bytes (Range, If-Range, ETag), but the first N responses
+    for K break off after `at` (a fraction, default 1/3) of the span they send. `how`: fin (close,
+    the default), reset (RST) or stall (stop sending, keep the connection). `seed`: the object
+    served once the cuts are spent (another seed: the object changed). `weak=1`: a weak ETag,
+    `norange=1`: no Accept-Ranges (then Range is ignored)."""
     key = request.query.get("key", "default")
-    record(request, "flaky", range=request.headers.get("Range"))
+    record(request, "flaky", range=request.headers.get("Range"),
+           if_range=request.headers.get("If-Range"))
     cuts = request.app[CUTS]
     if cuts.get(key, 0) >= int(request.query.get("cuts", "2")):
         return await bytes_handler(request)
     cuts[key] = cuts.get(key, 0) + 1
     size = int(request.match_info["size"])
-    start, end = 0, size
-    wanted = request.headers.get("Range")
-    response = web.StreamResponse(headers={"ETag": f'"{size}-1"', "Accept-Ranges": "bytes"})
-    if wanted and (span := parse_range(wanted, size)) and span[0] < size:
-        start, end = span
-        response.set_status(206)
-        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-    response.content_length = end - start
+    response, start, end = flaky_head(request, size)
     await response.prepare(request)
-    sent = 0
+    sent, stop = 0, int((end - start) * float(request.query.get("at", "0.3333")))
     for piece in pattern(start, end - start):
+        if sent + len(piece) > stop:
+            await response.write(piece[:stop - sent])
+            break
         await response.write(piece)
         sent += len(piece)
-        if sent >= (end - start) // 3:
-            break
     await asyncio.sleep(0.05)
-    request.transport.close()
+    await break_off(request, request.query.get("how", "fin"))
     return response
+
+
+def flaky_head(request: web.Request, size: int) -> tuple[web.StreamResponse, int, int]:
+    """The head of a flaky response (seed 1's object) and the span it sends."""
+    weak = request.query.get("weak") == "1"
+    response = web.StreamResponse(headers={"ETag": f'{"W/" if weak else ""}"{size}-1"'})
+    start, end = 0, size
+    if request.query.get("norange") != "1":
+        response.headers["Accept-Ranges"] = "bytes"
+        wanted = request.headers.get("Range")
+        if wanted and (span := parse_range(wanted, size)) and span[0] < size:
+            start, end = span
+            response.set_status(206)
+            response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    response.content_length = end - start
+    return response, start, end
+
+
+async def break_off(request: web.Request, how: str) -> None:
+    """End a response mid-body: FIN, RST, or a stall that outlasts any test's read timeout."""
+    transport = request.transport
+    assert transport is not None
+    if how == "stall":
+        await asyncio.sleep(30)
+    elif how == "reset":
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.close()
 
 
 async def echo_handler(request: web.Request) -> web.Response:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import aiohttp
@@ -37,6 +38,7 @@ from fileproxy.http.headers import (
 from fileproxy.policy.balancing import Upstream
 from fileproxy.upstream.aiohttp_client import ForwardedBody, UpstreamResponse, send
 from fileproxy.upstream.lean import Interim
+from fileproxy.upstream.resume import Resumer, resumable_span
 from fileproxy.upstream.segments import SegmentedFetch, plan_for
 
 
@@ -49,7 +51,16 @@ E = TypeVar("E", bound=Answer)  # a server path's error responses (ClientSide.er
 A = TypeVar("A", bound=Answer)
 # fileproxy's own answers that are not the upstream's: legacy endpoints, async task submission.
 Elsewhere = Callable[[Route, Outgoing], Awaitable[A]]
-Respond = Callable[[UpstreamResponse, float | None, "SegmentedFetch | None"], Awaitable[R]]
+Respond = Callable[[UpstreamResponse, float | None, "BodyFetch"], Awaitable[R]]
+
+
+@dataclass(frozen=True)
+class BodyFetch:
+    """How the rest of a response's body may be had: in segments side by side, or continued
+    after a cut (resumer); neither for most responses."""
+
+    segments: SegmentedFetch | None = None
+    resumer: Resumer | None = None
 
 
 async def serve_request(app: web.Application, request: ServedRequest, side: ClientSide[W, S, E],
@@ -77,8 +88,8 @@ async def serve_request(app: web.Application, request: ServedRequest, side: Clie
             return await forward_with(
                 app, outgoing, body_for(outgoing), exchange,
                 interim_relay(request.version, request.transport),
-                lambda upstream, deadline, segments: relay(request, upstream, config, deadline,
-                                                           side, segments))
+                lambda upstream, deadline, fetch: relay(request, upstream, config, deadline,
+                                                        side, fetch.segments, fetch.resumer))
     except ProxyError as error:
         exchange.fail(error)
         return side.error(error, exchange.request_id)
@@ -108,9 +119,10 @@ async def forward_with(app: web.Application, outgoing: Outgoing, body: Forwarded
         exchange.bytes_in = body.body_bytes if body is not None else 0
     exchange.ttfb = time.monotonic() - exchange.started
     segments = segmented(app, upstream, outgoing, upstream_response)
+    resumer = None if segments else resuming(app, upstream, outgoing, upstream_response, exchange)
     try:
         async with upstream_response:
-            response = await respond(upstream_response, deadline, segments)
+            response = await respond(upstream_response, deadline, BodyFetch(segments, resumer))
     finally:
         upstream.end()
     exchange.relayed(response)
@@ -122,16 +134,18 @@ async def forward_with(app: web.Application, outgoing: Outgoing, body: Forwarded
 async def send_with_retries(app: web.Application, outgoing: Outgoing,
                             body: ForwardedBody | None, exchange: Exchange,
                             timeout: aiohttp.ClientTimeout | None = None,
-                            interim: Interim | None = None) -> tuple[Upstream, UpstreamResponse]:
+                            interim: Interim | None = None,
+                            avoid: Upstream | None = None) -> tuple[Upstream, UpstreamResponse]:
     """One attempt per upstream while the policy allows: transport failures (connect errors,
     resets and timeouts before headers) and the statuses the operator listed count against the
     upstream's breaker and are retried when safe, on another upstream when there is one (after a
     timeout only there: the same upstream would only make the client wait as long again).
-    Returns the upstream, still counted in flight, and its response.
+    Returns the upstream, still counted in flight, and its response. `avoid` (an upstream that
+    just failed) is chosen only when no other can be.
     (Async tasks run through here too, with a stored body.)"""
     upstreams, policy = app[UPSTREAMS], app[RETRY]
     policy.budget.record_request()
-    tried: set[Upstream] = set()
+    tried: set[Upstream] = {avoid} if avoid is not None else set()
     while True:
         upstream = upstreams.choose(exclude=tried)
         tried.add(upstream)
@@ -198,6 +212,27 @@ def segmented(app: web.Application, upstream: Upstream, outgoing: Outgoing,
         return send(app[SESSION], upstream, ranged, None, None, app.get(LEAN))
 
     return SegmentedFetch(plan, outgoing, fetch)
+
+
+def resuming(app: web.Application, upstream: Upstream, outgoing: Outgoing,
+             response: UpstreamResponse, exchange: Exchange) -> Resumer | None:
+    """Mid-body resume for a response that can be continued (--upstream-resume-attempts): the
+    rest is asked for through the request path's own choice and retries, another upstream than
+    the one that failed first."""
+    config, metrics = app[CONFIG], app[METRICS]
+    span = resumable_span(outgoing, response)
+    if span is None or not config.upstream_resume_attempts:
+        return None
+    last = [upstream]
+
+    async def fetch(ranged: Outgoing) -> UpstreamResponse:
+        chosen, rest = await send_with_retries(app, ranged, None, exchange, avoid=last[0])
+        chosen.end()  # (counted in flight while it answered; its body is the relay's now)
+        last[0] = chosen
+        return rest
+
+    return Resumer(span, outgoing, fetch, config.upstream_resume_attempts,
+                   count=lambda outcome: metrics.resumes.labels(outcome).inc())
 
 
 def interim_relay(version: HttpVersion, transport: asyncio.Transport | None) -> Interim | None:

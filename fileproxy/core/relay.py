@@ -16,7 +16,8 @@ from fileproxy.config import Config
 from fileproxy.http.errors import ProxyError
 from fileproxy.upstream.aiohttp_client import UpstreamResponse
 from fileproxy.upstream.lean import LeanResponse
-from fileproxy.upstream.segments import SegmentedFetch, SegmentFailed
+from fileproxy.upstream.resume import ResumeFailed, Resumer, ResumeRefused
+from fileproxy.upstream.segments import FETCH_ERRORS, SegmentedFetch, SegmentFailed
 from fileproxy.upstream.socketrelay import (
     SinkGone,
     SourceCut,
@@ -26,6 +27,10 @@ from fileproxy.upstream.socketrelay import (
 )
 
 log = logging.getLogger("fileproxy.core.relay")
+
+
+class UpstreamCut(Exception):
+    """The upstream's body ended before its length: a reset, an early FIN, a stall."""
 
 
 class Answer(Protocol):
@@ -95,7 +100,7 @@ class RelayingRequest(Protocol):
 
 async def relay(request: RelayingRequest, upstream: UpstreamResponse, config: Config,
                 deadline: float | None, side: ClientSide[W, S, Answer],
-                segments: SegmentedFetch | None = None) -> W | S:
+                segments: SegmentedFetch | None = None, resumer: Resumer | None = None) -> W | S:
     """The upstream's response to the client: whole when it is small and already here, else
     streamed (headers first, then the body) within the total deadline."""
     whole = arrived_whole(request, upstream)
@@ -104,7 +109,7 @@ async def relay(request: RelayingRequest, upstream: UpstreamResponse, config: Co
     response = await side.start(upstream)
     try:
         async with within(deadline):
-            await relay_body(request, upstream, response, config, segments)
+            await relay_body(request, upstream, response, config, segments, resumer)
     except TimeoutError:
         abort_client(request, response, f"total timeout of {config.total_timeout:g} s",
                      fault="timeout")
@@ -125,24 +130,80 @@ def within(deadline: float | None) -> AbstractAsyncContextManager[object]:
 
 
 async def relay_body(request: RelayingRequest, upstream: UpstreamResponse, response: Streamed,
-                     config: Config, segments: SegmentedFetch | None = None) -> None:
-    """Send the upstream's body: in segments fetched side by side when planned, socket to
-    socket when large and of known length, else through the streams; a body cut short closes
-    the client connection instead of ending cleanly."""
+                     config: Config, segments: SegmentedFetch | None = None,
+                     resumer: Resumer | None = None) -> None:
+    """Send the upstream's body: in segments fetched side by side when planned, else this
+    response's body continued after every cut when it can be (`resumer`); a body that cannot
+    be completed closes the client connection instead of ending cleanly."""
     if body_expected(request, upstream):
-        length = response.content_length
         if segments is not None:
-            await copy_body(request, segments.chunks(upstream), response, config.client_timeout)
-        elif upstream.connection is not None and can_take_over(
-                config.socket_relay, length, upstream.connection.transport, request.transport):
-            assert length is not None
-            await socket_relay(request, upstream, response, length,
-                               Timeouts(source=config.read_timeout, sink=config.client_timeout),
-                               config.socket_relay)
+            try:
+                await copy_body(request, segments.chunks(upstream), response,
+                                config.client_timeout)
+            except UpstreamCut as cut:
+                abort_client(request, response, f"upstream body cut short after "
+                                                f"{response.body_bytes} bytes ({cut})")
         else:
-            await copy_body(request, body_chunks(upstream), response, config.client_timeout)
+            await relay_resuming(request, upstream, response, config, resumer)
     if response.aborted is None:
         await response.write_eof()
+
+
+async def relay_resuming(request: RelayingRequest, first: UpstreamResponse, response: Streamed,
+                         config: Config, resumer: Resumer | None) -> None:
+    """The body of `first`; after each cut, the rest on a new ranged response into the same
+    client response (upstream/resume.py), until it is complete or cannot be."""
+    try:
+        await relay_one(request, first, response, config)
+        return
+    except UpstreamCut as cut:
+        reason = str(cut)
+    while (rest := await continuation(request, response, resumer, reason)) is not None:
+        async with rest:
+            try:
+                await relay_one(request, rest, response, config)
+                return
+            except UpstreamCut as cut:
+                reason = str(cut)
+
+
+async def continuation(request: RelayingRequest, response: Streamed, resumer: Resumer | None,
+                       reason: str) -> UpstreamResponse | None:
+    """The rest of a cut body from the upstream, or None once the client was cut instead."""
+    cut = f"upstream body cut short after {response.body_bytes} bytes ({reason})"
+    if resumer is None:
+        abort_client(request, response, cut)
+        return None
+    while True:
+        try:
+            rest = await resumer.rest(response.body_bytes)
+        except ResumeRefused as error:
+            resumer.count("refused")
+            abort_client(request, response, f"{cut}; not resumed: {error}")
+            return None
+        except (ResumeFailed, *FETCH_ERRORS) as error:
+            log.info("%s %s: %s; resuming failed (%s), again", request.method, request.path,
+                     cut, error)
+            continue
+        resumer.count("resumed")
+        log.info("%s %s: %s; resumed", request.method, request.path, cut)
+        return rest
+
+
+async def relay_one(request: RelayingRequest, upstream: UpstreamResponse, response: Streamed,
+                    config: Config) -> None:
+    """One upstream response's body: socket to socket when large and of known length, else
+    through the streams. UpstreamCut when it ends short."""
+    length = response.content_length
+    remaining = None if length is None else length - response.body_bytes
+    if upstream.connection is not None and can_take_over(
+            config.socket_relay, remaining, upstream.connection.transport, request.transport):
+        assert length is not None
+        await socket_relay(request, upstream, response, length,
+                           Timeouts(source=config.read_timeout, sink=config.client_timeout),
+                           config.socket_relay)
+    else:
+        await copy_body(request, body_chunks(upstream), response, config.client_timeout)
 
 
 def body_expected(request: RelayingRequest, upstream: UpstreamResponse) -> bool:
@@ -159,16 +220,14 @@ async def body_chunks(upstream: UpstreamResponse) -> AsyncIterator[bytes]:
 async def copy_body(request: RelayingRequest, chunks: AsyncIterator[bytes], response: Streamed,
                     client_timeout: float) -> None:
     """Write the body's chunks as they come; write() drains, so the upstream is never read
-    faster than the client takes bytes."""
+    faster than the client takes bytes. UpstreamCut when the chunks end short."""
     async with contextlib.aclosing(chunks):  # type: ignore[type-var]
         while True:
             try:
                 chunk = await anext(chunks, b"")
             except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
                     SegmentFailed) as error:
-                abort_client(request, response, f"upstream body cut short after "
-                                                f"{response.body_bytes} bytes ({error!r})")
-                return
+                raise UpstreamCut(repr(error)) from None
             if not chunk:
                 return
             try:
@@ -186,17 +245,17 @@ async def copy_body(request: RelayingRequest, chunks: AsyncIterator[bytes], resp
 
 async def socket_relay(request: RelayingRequest, upstream: UpstreamResponse,
                        response: Streamed, length: int, timeouts: Timeouts, mover: str) -> None:
-    """Socket to socket (upstream/socketrelay.py), with the same outcomes as copy_body. The
-    upstream connection's parser never saw those bytes: a lean connection whose body went
-    through to its end takes a fresh parser and is reused; any other is closed."""
+    """Socket to socket (upstream/socketrelay.py), with the same outcomes as copy_body; `length`
+    is the client response's. The upstream connection's parser never saw those bytes: a lean
+    connection whose body went through to its end takes a fresh parser and is reused; any other
+    is closed."""
     complete = False
     try:
         await take_over_response_body(upstream, response, length, timeouts, request.transport,
                                       response.flush, mover)
         complete = True
     except (SourceCut, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
-        abort_client(request, response, f"upstream body cut short after "
-                                        f"{response.body_bytes} bytes ({error})")
+        raise UpstreamCut(str(error)) from None
     except (SinkGone, ConnectionError) as error:
         abort_client(request, response, f"client went away ({error})", fault="client")
     finally:

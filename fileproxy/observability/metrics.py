@@ -148,6 +148,9 @@ class Metrics:
         self.bytes_out = Counter("fileproxy_response_body_bytes",
                                  "Response body bytes sent to clients", registry=r)
         self.retries = Counter("fileproxy_retries", "Retried upstream attempts", registry=r)
+        self.resumes = Counter("fileproxy_upstream_resumes",
+                               "Response bodies continued after an upstream cut (Range + "
+                               "If-Range), or not (refused)", ("outcome",), registry=r)
         self.upstream_errors = Counter("fileproxy_upstream_errors",
                                        "Failed upstream attempts, by kind", ("upstream", "kind"),
                                        registry=r)

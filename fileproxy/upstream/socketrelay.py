@@ -127,26 +127,14 @@ class CopyMover:
     def fill(self, count: int) -> int:
         tail = (self._head + self.held) % BUFFER_SIZE
         room = min(count, BUFFER_SIZE - self.held, BUFFER_SIZE - tail)
-        try:
-            moved = os.readv(self._source, [self._view[tail:tail + room]])
-        except BlockingIOError:
-            return 0
-        except OSError as error:
-            raise SourceCut(f"read failed: {error.strerror}") from None
-        if moved == 0:
-            raise SourceCut("connection closed")
+        moved = read_from_source(lambda: os.readv(self._source, [self._view[tail:tail + room]]))
         self.held += moved
         return moved
 
     def drain(self) -> int:
         head = self._head
-        try:
-            moved = os.write(self._sink, self._view[head:head + min(self.held,
-                                                                    BUFFER_SIZE - head)])
-        except BlockingIOError:
-            return 0
-        except OSError as error:
-            raise SinkGone(f"write failed: {error.strerror}") from None
+        part = self._view[head:head + min(self.held, BUFFER_SIZE - head)]
+        moved = write_to_sink(lambda: os.write(self._sink, part))
         self.held -= moved
         self._head = (head + moved) % BUFFER_SIZE if self.held else 0
         return moved
@@ -166,30 +154,43 @@ class SpliceMover:
         self.held = 0
 
     def fill(self, count: int) -> int:
-        try:
-            moved = os.splice(self._source, self._pipe_w, count, flags=SPLICE_FLAGS)
-        except BlockingIOError:
-            return 0
-        except OSError as error:
-            raise SourceCut(f"read failed: {error.strerror}") from None
-        if moved == 0:
-            raise SourceCut("connection closed")
+        moved = read_from_source(
+            lambda: os.splice(self._source, self._pipe_w, count, flags=SPLICE_FLAGS))
         self.held += moved
         return moved
 
     def drain(self) -> int:
-        try:
-            moved = os.splice(self._pipe_r, self._sink, self.held, flags=SPLICE_FLAGS)
-        except BlockingIOError:
-            return 0
-        except OSError as error:
-            raise SinkGone(f"write failed: {error.strerror}") from None
+        moved = write_to_sink(
+            lambda: os.splice(self._pipe_r, self._sink, self.held, flags=SPLICE_FLAGS))
         self.held -= moved
         return moved
 
     def close(self) -> None:
         os.close(self._pipe_r)
         os.close(self._pipe_w)
+
+
+def read_from_source(read: Callable[[], int]) -> int:
+    """Bytes a non-blocking read moved (0: none ready); SourceCut when it failed or ended."""
+    try:
+        moved = read()
+    except BlockingIOError:
+        return 0
+    except OSError as error:
+        raise SourceCut(f"read failed: {error.strerror}") from None
+    if moved == 0:
+        raise SourceCut("connection closed")
+    return moved
+
+
+def write_to_sink(write: Callable[[], int]) -> int:
+    """Bytes a non-blocking write moved (0: the sink takes none now); SinkGone when it failed."""
+    try:
+        return write()
+    except BlockingIOError:
+        return 0
+    except OSError as error:
+        raise SinkGone(f"write failed: {error.strerror}") from None
 
 
 def make_mover(mover: str, source: int, sink: int) -> Mover:

@@ -52,6 +52,7 @@ const outcome = {
   previousUploads: null, // how many findPreviousUploads() returned (with --resume)
   resumedFrom: null, // Upload-Offset of the HEAD that a resumed upload starts with
   firstPatchOffset: null, // Upload-Offset of this run's first PATCH
+  patchesSent: 0, // PATCH requests started (those cut before an answer included)
   requests: [], // [method, status, Upload-Offset answered] for every response seen
   lastResponse: null, // the last response: {method, status, headers}
   error: null,
@@ -73,7 +74,9 @@ const upload = new Upload(fs.createReadStream(args.file), {
   storeFingerprintForResuming: Boolean(args.store),
   removeFingerprintOnSuccess: false,
   onBeforeRequest(req) {
-    if (req.getMethod() === 'PATCH' && outcome.firstPatchOffset === null) {
+    if (req.getMethod() !== 'PATCH') return;
+    outcome.patchesSent += 1;
+    if (outcome.firstPatchOffset === null) {
       outcome.firstPatchOffset = Number(req.getHeader('Upload-Offset'));
     }
   },
