@@ -1,7 +1,7 @@
 """Python client for fileproxy: async tasks (submit, status, wait, result, cancel) and resumable
-downloads, sync and async, and a CLI:
+downloads (after a drop, and across runs as `wget -c` does), sync and async, and a CLI:
 
-    python -m fileproxy.client get URL -o FILE
+    python -m fileproxy.client get URL -o FILE [--no-continue]
     python -m fileproxy.client submit --base URL METHOD PATH [--data FILE]
     python -m fileproxy.client wait --base URL TASK_ID [--timeout S]
 """
@@ -16,10 +16,15 @@ import random
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
+from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 import aiohttp
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 FINAL = frozenset({"completed", "failed", "cancelled"})
 
@@ -108,72 +113,262 @@ class AsyncClient:
     # -- downloads
 
     async def download(self, url: str, dest: str | os.PathLike[str], *, retries: int = 10,
-                       progress: bool | None = None) -> int:
-        """Stream url to dest; after a dropped connection resume with Range + If-Range (from
-        where the file ends), backing off between tries; verify the final size."""
-        path = Path(dest)
-        state = DownloadState(path)
-        bar = progress_bar(path.name, progress)
-        for attempt in range(retries + 1):
-            try:
-                if await self._fetch(url, state, bar):
-                    break
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
-                    TimeoutError) as error:
-                if attempt == retries:
-                    raise DownloadError(f"{url}: gave up after {retries} retries ({error})") from None
-                await asyncio.sleep(min(10.0, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.0))
-        if bar is not None:
+                       progress: bool | None = None, resume: bool = True) -> int:
+        """Stream url to dest, continuing a partial file (earlier run, dropped try); returns the size."""
+        state = DownloadState(Path(dest), url)
+        if resume:
+            await asyncio.to_thread(state.restore)
+        bar = ProgressBar(state.path.name, progress)
+        try:
+            await self._fetch_until_whole(state, bar, retries)
+        finally:
             bar.close()
-        size = path.stat().st_size
-        if state.total is not None and size != state.total:
-            raise DownloadError(f"{url}: got {size} bytes of {state.total}")
-        return size
+        return await asyncio.to_thread(state.finish)
 
-    async def _fetch(self, url: str, state: DownloadState, bar: Any) -> bool:
-        headers = dict(self.headers)
-        have = state.path.stat().st_size if state.path.exists() else 0
-        if have and state.validator:
-            headers.update({"Range": f"bytes={have}-", "If-Range": state.validator})
-        async with self.session.get(url, headers=headers) as response:
-            if response.status == 416 and state.total == have:
-                return True
-            if response.status not in (200, 206):
-                raise DownloadError(f"{url}: HTTP {response.status}")
-            append = response.status == 206
-            state.learn(response, have if append else 0)
-            if bar is not None:
-                bar.reset(total=state.total)
-                bar.update(have if append else 0)
-            with open(state.path, "ab" if append else "wb") as handle:
-                async for chunk in response.content.iter_chunked(256 * 1024):
-                    handle.write(chunk)
-                    if bar is not None:
-                        bar.update(len(chunk))
-        return True
+    async def _fetch_until_whole(self, state: DownloadState, bar: ProgressBar, retries: int) -> None:
+        """GET until a body ran to its end: drops are retried with backoff, a refused resume starts over."""
+        attempt = 0
+        while True:
+            try:
+                await self._fetch(state, bar)
+                return
+            except StartOver:
+                state.forget()
+            except RETRYABLE as error:
+                if attempt == retries:
+                    raise DownloadError(f"{state.url}: gave up after {retries} retries ({error})") from None
+                await asyncio.sleep(min(10.0, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.0))
+                attempt += 1
+
+    async def _fetch(self, state: DownloadState, bar: ProgressBar) -> None:
+        """One GET: from where the trusted part of the file ends, or the whole object."""
+        offset = await asyncio.to_thread(state.trusted_size)
+        headers = {**self.headers, **state.range_headers(offset)}
+        async with self.session.get(state.url, headers=headers) as response:
+            start = state.start_of(response.status, response.headers, offset)
+            if response.status == 416:  # the file was already whole
+                bar.start(start, start)
+                return
+            state.learn(response, start)
+            handle = await asyncio.to_thread(state.open_at, start)
+            try:
+                bar.start(start, state.total)
+                async for chunk in response.content.iter_chunked(CHUNK_SIZE):
+                    await asyncio.to_thread(handle.write, chunk)  # (never on the loop)
+                    bar.advance(len(chunk))
+            finally:
+                await asyncio.to_thread(handle.close)
+
+
+RETRYABLE = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)
+CHUNK_SIZE = 256 * 1024
+SIDECAR_SUFFIX = ".fileproxy-partial"
+
+
+class StartOver(Exception):
+    """The server did not continue the file where it ends: fetch the whole object again."""
 
 
 @dataclass
 class DownloadState:
+    """A download's file and what vouches for its bytes (If-Range validator, total), kept in its sidecar."""
+
     path: Path
+    url: str
     total: int | None = None
-    validator: str | None = None  # ETag (or Last-Modified) for If-Range
+    validator: str | None = None  # strong ETag, or Last-Modified (see if_range_validator)
 
-    def learn(self, response: aiohttp.ClientResponse, offset: int) -> None:
-        self.validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
-        content_range = response.headers.get("Content-Range", "")
-        if "/" in content_range and content_range.rsplit("/", 1)[1].isdigit():
-            self.total = int(content_range.rsplit("/", 1)[1])
+    @property
+    def sidecar(self) -> Path:
+        return self.path.with_name(self.path.name + SIDECAR_SUFFIX)
+
+    def restore(self) -> None:
+        """Trust the file if its sidecar names this url, a strong validator and a size it does not exceed."""
+        record = read_sidecar(self.sidecar)
+        if record is None or not self.path.exists():
+            return
+        validator, size = record.get("validator"), record.get("size")
+        if (record.get("url") != self.url or not isinstance(validator, str)
+                or not validator or validator.startswith("W/")):
+            return
+        if size is not None and (not isinstance(size, int) or self.path.stat().st_size > size):
+            return
+        self.validator, self.total = validator, size
+
+    def forget(self) -> None:
+        """Stop trusting the file: the next request fetches the whole object."""
+        self.validator = self.total = None
+
+    def trusted_size(self) -> int:
+        """Bytes of the file the validator vouches for: all of them, or none without one."""
+        if self.validator is None:
+            return 0
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def range_headers(self, offset: int) -> dict[str, str]:
+        """Range + If-Range to continue at offset (none at 0: the whole object is wanted)."""
+        if not offset or self.validator is None:
+            return {}
+        return {"Range": f"bytes={offset}-", "If-Range": self.validator}
+
+    def start_of(self, status: int, headers: Mapping[str, str], offset: int) -> int:
+        """Where the body goes: offset (a 206 continuing the file, a 416 as it is whole) or 0 (a 200)."""
+        # Any other answer to a range (another start, size or object) starts over; other statuses fail.
+        if status == 200:
+            return 0
+        if offset and status == 206 and self.continues(headers, offset):
+            return offset
+        if offset and status == 416 and self.is_whole(headers, offset):
+            return offset
+        if offset and status in (206, 416):
+            raise StartOver
+        raise DownloadError(f"{self.url}: HTTP {status}")
+
+    def continues(self, headers: Mapping[str, str], offset: int) -> bool:
+        """The 206 starts at offset, of the same total size and (if it says) the same object."""
+        first, total = parse_content_range(headers.get("Content-Range", ""))
+        same_size = self.total is None or total == self.total
+        same_object = if_range_validator(headers) in (None, self.validator)
+        return first == offset and same_size and same_object
+
+    def is_whole(self, headers: Mapping[str, str], offset: int) -> bool:
+        """The 416's Content-Range and the stored size (those known, one at least) end at offset."""
+        reported = parse_content_range(headers.get("Content-Range", ""))[1]
+        known = [size for size in (reported, self.total) if size is not None]
+        return bool(known) and all(size == offset for size in known)
+
+    def learn(self, response: aiohttp.ClientResponse, start: int) -> None:
+        """Take the validator and the total size from a response whose body goes at start."""
+        # (A 206 without a validator of its own continues the object whose validator it matched.)
+        self.validator = if_range_validator(response.headers) or (self.validator if start else None)
+        total = parse_content_range(response.headers.get("Content-Range", ""))[1]
+        if total is not None:
+            self.total = total
         elif response.content_length is not None:
-            self.total = offset + response.content_length
+            self.total = start + response.content_length
+        else:
+            self.total = None
+
+    def open_at(self, start: int) -> BinaryIO:
+        """Open the file for a body at start (0 truncates it), then write the sidecar for the new body."""
+        # In this order, a sidecar never vouches for an older object's bytes.
+        handle = open(self.path, "ab" if start else "wb")  # noqa: SIM115 (closed by the caller)
+        try:
+            self.save()
+        except BaseException:
+            handle.close()
+            raise
+        return handle
+
+    def save(self) -> None:
+        """Write the sidecar (url, validator, size) atomically, or remove it without a validator."""
+        if self.validator is None:
+            self.sidecar.unlink(missing_ok=True)
+            return
+        record = {"url": self.url, "validator": self.validator, "size": self.total}
+        temporary = self.sidecar.with_name(self.sidecar.name + ".tmp")
+        temporary.write_text(json.dumps(record))
+        os.replace(temporary, self.sidecar)
+
+    def finish(self) -> int:
+        """Check the file's size against the total, remove the sidecar and return the size."""
+        size = self.path.stat().st_size
+        if self.total is not None and size != self.total:
+            raise DownloadError(f"{self.url}: got {size} bytes of {self.total}")
+        self.sidecar.unlink(missing_ok=True)
+        return size
 
 
-def progress_bar(name: str, wanted: bool | None) -> Any:
-    if wanted is False or (wanted is None and not sys.stderr.isatty()):
+def read_sidecar(path: Path) -> dict[str, Any] | None:
+    """The sidecar's record, or None when it is missing or unreadable."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
+
+
+def if_range_validator(headers: Mapping[str, str]) -> str | None:
+    """What If-Range may carry (RFC 9110 13.1.5): a strong ETag, else a strong Last-Modified, else None."""
+    # A weak ETag rules out Last-Modified too: "unless the client has no entity tag".
+    etag = headers.get("ETag")
+    if etag:
+        return None if etag.startswith("W/") else etag
+    modified = headers.get("Last-Modified")
+    return modified if modified and is_strong_date(modified, headers.get("Date")) else None
+
+
+def is_strong_date(modified: str, date: str | None) -> bool:
+    """A Last-Modified is a strong validator when the response's Date is a second or more later."""
+    if date is None:
+        return True
+    try:
+        return parsedate_to_datetime(date) - parsedate_to_datetime(modified) >= timedelta(seconds=1)
+    except (TypeError, ValueError):
+        return False
+
+
+def parse_content_range(value: str) -> tuple[int | None, int | None]:
+    """'bytes 10-19/100' -> (10, 100); 'bytes */100' -> (None, 100); unknown parts are None."""
+    unit, _, rest = value.strip().partition(" ")
+    if unit.lower() != "bytes":
+        return None, None
+    span, _, total = rest.partition("/")
+    first = span.partition("-")[0].strip()
+    return (int(first) if first.isdigit() else None, int(total) if total.strip().isdigit() else None)
+
+
+class ProgressBar:
+    """A tqdm bar on stderr (if wanted; by default on a terminal), made at the first response's offset."""
+
+    def __init__(self, name: str, wanted: bool | None) -> None:
+        self.name = name
+        self.wanted = wanted is True or (wanted is None and sys.stderr.isatty())
+        self.bar: tqdm[NoReturn] | None = None
+
+    def start(self, offset: int, total: int | None) -> None:
+        """Show a body that starts at offset: a new bar, or the bar moved there after a drop."""
+        if not self.wanted:
+            return
+        if self.bar is None:
+            self.bar = progress_bar(self.name, offset, total)
+        else:
+            self.bar.reset(total=total)
+            self.bar.update(offset)
+
+    def advance(self, count: int) -> None:
+        """Count bytes written."""
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def close(self) -> None:
+        """End the bar's line."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def progress_bar(name: str, offset: int, total: int | None) -> tqdm[NoReturn]:
+    """A tqdm bar on stderr that starts at offset and, when that is past 0, says it resumed there."""
     from tqdm import tqdm
 
-    return tqdm(desc=name, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
+    description = f"{name} (resumed at {format_size(offset)})" if offset else name
+    return tqdm(desc=description, initial=offset, total=total, unit="B", unit_scale=True,
+                unit_divisor=1024, file=sys.stderr)
+
+
+def format_size(count: int) -> str:
+    """12582912 -> '12.0 MiB' (binary units)."""
+    if count < 1024:
+        return f"{count} B"
+    size = float(count)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        size /= 1024
+        if size < 1024 or unit == "TiB":
+            break
+    return f"{size:.1f} {unit}"
 
 
 class Client:
@@ -198,15 +393,18 @@ class Client:
         return lambda *args, **kwargs: self._runner.run(method(*args, **kwargs))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: get, submit, wait."""
     parser = argparse.ArgumentParser(prog="python -m fileproxy.client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--token", help="admin bearer token, if the proxy wants one")
     commands = parser.add_subparsers(dest="command", required=True)
-    get = commands.add_parser("get", help="download, resuming after drops")
+    get = commands.add_parser("get", help="download, resuming after drops and where an earlier run stopped")
     get.add_argument("url")
     get.add_argument("-o", "--output", required=True)
     get.add_argument("--retries", type=int, default=10)
+    get.add_argument("--no-continue", dest="resume", action="store_false",
+                     help="start over even if an earlier run left a partial OUTPUT")
     submit = commands.add_parser("submit", help="hand a request over as an async task")
     submit.add_argument("--base", required=True, help="fileproxy's URL, e.g. http://host:8080")
     submit.add_argument("method")
@@ -216,10 +414,19 @@ def main(argv: list[str] | None = None) -> int:
     wait.add_argument("--base", required=True)
     wait.add_argument("task_id")
     wait.add_argument("--timeout", type=float, default=3600)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; a download that could not be completed exits with 1."""
+    args = build_parser().parse_args(argv)
     with Client(getattr(args, "base", ""), token=args.token) as client:
         if args.command == "get":
-            print(client.download(args.url, args.output, retries=args.retries))
+            try:
+                print(client.download(args.url, args.output, retries=args.retries, resume=args.resume))
+            except DownloadError as error:
+                print(f"fileproxy.client get: {error}", file=sys.stderr)
+                return 1
         elif args.command == "submit":
             body = Path(args.data).read_bytes() if args.data else None
             print(client.submit(args.method.upper(), args.path, body=body))
