@@ -75,6 +75,34 @@ async def test_large_result_streams_from_the_spool_byte_exact(origin, make_proxy
         assert hashlib.sha256(await response.read()).hexdigest() == pattern_sha256(size)
 
 
+@pytest.mark.parametrize("how", ["fin", "reset"])
+async def test_a_result_cut_mid_body_is_continued_byte_exact(origin, make_proxy, client,
+                                                             tmp_path, how):
+    """Fetching a task's result resumes like relaying does: Range + If-Range from the byte the
+    kept result ends at, one complete result, one attempt."""
+    size = 3 * 1024 * 1024 + 5
+    proxy = await make_proxy(origin.url, task_inline_max=64 * 1024, spool_dir=str(tmp_path))
+    async with client.get(f"{proxy.url}/flaky/{size}?cuts=2&key=task-{how}&how={how}",
+                          headers=ASYNC) as response:
+        status_url = (await response.json())["status_url"]
+    record = await wait_status(client, proxy.url + status_url, {"completed", "failed"})
+    assert (record["status"], record["attempts"], record["bytes_received"]) == (
+        "completed", 1, size)
+    async with client.get(proxy.url + status_url + "/result") as response:
+        assert hashlib.sha256(await response.read()).hexdigest() == pattern_sha256(size)
+    ranges = [event["range"] for event in origin.events("flaky")]
+    assert ranges[0] is None and len(ranges) == 3 and ranges[2].endswith(f"-{size - 1}")
+
+
+async def test_a_changed_result_is_not_stitched(origin, make_proxy, client):
+    proxy = await make_proxy(origin.url)
+    async with client.get(f"{proxy.url}/flaky/{1024 * 1024}?cuts=1&key=task-changed&seed=2",
+                          headers=ASYNC) as response:
+        status_url = (await response.json())["status_url"]
+    record = await wait_status(client, proxy.url + status_url, {"completed", "failed"})
+    assert record["status"] == "failed" and "not resumed" in record["error"]
+
+
 async def test_cancel_stops_the_upstream_call(origin, make_proxy, client):
     proxy = await make_proxy(origin.url)
     async with client.get(f"{proxy.url}/slow-headers?delay=30", headers=ASYNC) as response:

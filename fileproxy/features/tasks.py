@@ -33,6 +33,7 @@ from fileproxy.policy.balancing import Upstream
 from fileproxy.policy.retry import IDEMPOTENT
 from fileproxy.state import StateStore, StateUnavailable
 from fileproxy.upstream.aiohttp_client import ForwardedBody
+from fileproxy.upstream.resume import ResumeFailed, Resumer, ResumeRefused, resumable_span
 
 log = logging.getLogger("fileproxy.features.tasks")
 QUEUE, INDEX = "tasks", "tasks:index"
@@ -376,11 +377,13 @@ class TaskManager:
                 task.upstream, task.upstream_status = upstream.authority, response.status
                 task.result_headers = [[k, v] for k, v in response.headers.items()
                                        if k.lower() not in ("transfer-encoding",)]
-                await self.keep_result(task, response)
+                await self.keep_result(task, response, outgoing)
         except ProxyError as error:
             return error.message
         except (aiohttp.ClientError, TimeoutError) as error:
             return f"upstream body cut short: {error!r}"
+        except ResumeRefused as error:
+            return f"upstream body cut short, not resumed: {error}"
         return None
 
     @staticmethod
@@ -428,17 +431,49 @@ class TaskManager:
             return StoredBody(None, self.spool_path(task.id, "body"))
         return StoredBody(await self.store.get(f"task:{task.id}:body"), None)
 
-    async def keep_result(self, task: Task, response: aiohttp.ClientResponse) -> None:
-        reported = 0
-        async with self.keeper(task, "result") as keep:
-            async for chunk in response.content.iter_chunked(CHUNK):
-                task.bytes_received += len(chunk)
-                await keep.write(chunk)
-                if task.bytes_received - reported >= 4 * CHUNK:  # progress for the status call
-                    reported = task.bytes_received
-                    with contextlib.suppress(StateUnavailable):
-                        await self.save(task)
+    async def keep_result(self, task: Task, response: aiohttp.ClientResponse,
+                          outgoing: Outgoing) -> None:
+        """The upstream's body into the store or the spool; a body cut mid-way is continued
+        with Range + If-Range when it can be (upstream/resume.py), as a relayed one is."""
+        task.bytes_received = 0  # (this attempt's body: the keeper starts empty)
+        async with contextlib.AsyncExitStack() as parts, self.keeper(task, "result") as keep:
+            resumer = self.result_resumer(task, response, outgoing, parts)
+            current: aiohttp.ClientResponse | None = response
+            while current is not None:
+                try:
+                    await self.keep_body(task, current, keep)
+                    current = None
+                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
+                        TimeoutError):
+                    if resumer is None:
+                        raise
+                    current = await rest_of(resumer, task.bytes_received)
         task.result_spooled = keep.spilled
+
+    def result_resumer(self, task: Task, response: aiohttp.ClientResponse, outgoing: Outgoing,
+                       parts: contextlib.AsyncExitStack) -> Resumer | None:
+        span = resumable_span(outgoing, response)
+        if span is None or not self.config.upstream_resume_attempts:
+            return None
+
+        async def fetch(ranged: Outgoing) -> aiohttp.ClientResponse:
+            _, rest = await parts.enter_async_context(self.send(
+                ranged, None, f"task-{task.id[:8]}", self.task_timeout(), task.client))
+            return rest
+
+        return Resumer(span, outgoing, fetch, self.config.upstream_resume_attempts,
+                       count=lambda outcome: self.metrics.resumes.labels(outcome).inc())
+
+    async def keep_body(self, task: Task, response: aiohttp.ClientResponse,
+                        keep: Spill) -> None:
+        reported = task.bytes_received
+        async for chunk in response.content.iter_chunked(CHUNK):
+            task.bytes_received += len(chunk)
+            await keep.write(chunk)
+            if task.bytes_received - reported >= 4 * CHUNK:  # progress for the status call
+                reported = task.bytes_received
+                with contextlib.suppress(StateUnavailable):
+                    await self.save(task)
 
     # -- reading, cancelling, cleaning up
 
@@ -483,6 +518,21 @@ class TaskManager:
         for task_id, _ in old:
             await self.remove(task_id)
         return len(old)
+
+
+async def rest_of(resumer: Resumer, received: int) -> aiohttp.ClientResponse:
+    """The rest of a task result's body (ResumeRefused when it cannot be had)."""
+    while True:
+        try:
+            rest = await resumer.rest(received)
+        except ResumeRefused:
+            resumer.count("refused")
+            raise
+        except (ResumeFailed, ProxyError, TimeoutError, aiohttp.ClientError):
+            continue
+        resumer.count("resumed")
+        assert isinstance(rest, aiohttp.ClientResponse)  # (a task's sends are aiohttp's)
+        return rest
 
 
 def accepted(task: Task) -> bool:
