@@ -1,12 +1,18 @@
 """Bad-network benchmark: client / proxy / origin namespaces over emulated links.
 
     sudo ./run.sh bench net --profile poor --impaired client [--repeat 3] [--quick]
+    sudo ./run.sh bench net --profile poor --impaired origin --reset-origin-every 10
 
 Builds the namespaces (benchmarks/topology.py), impairs the chosen link(s) with the user-space
 TUN delay line (benchmarks/netem.py; this kernel has no netem qdisc), verifies RTT, loss and rate
 before measuring, then measures direct / fileproxy / nginx / naive aiohttp side by side, interleaved:
-small requests at the profile's concurrency, a large download and a large upload. Prints a table and
-writes JSON, markdown and a PNG chart under benchmarks/results/. Removes everything on exit.
+small requests at the profile's concurrency, a large download (also with aria2c -x16 straight to
+the origin, when installed) and a large upload. Prints a table and writes JSON, markdown and a PNG
+chart under benchmarks/results/. Removes everything on exit.
+
+With --reset-origin-every SECONDS it runs one download per target instead, while every TCP
+connection of the origin's port is reset every SECONDS (`ss -K` in the origin namespace), and
+reports which targets still delivered the whole body byte-exact as one response.
 """
 
 from __future__ import annotations
@@ -19,17 +25,29 @@ import math
 import os
 import secrets
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from benchmarks.common import RESULTS, markdown_table, median, progress, save_results, terminate
-from benchmarks.targets import Place, Running, Workdir, start_fileproxy, start_origin, start_proxies
+from benchmarks.targets import (
+    Place,
+    Running,
+    Workdir,
+    start_fileproxy,
+    start_origin,
+    start_proxies,
+    tmpfs_or,
+)
 from benchmarks.topology import (
     CLIENT_ADDR,
     EMULATIONS,
@@ -45,6 +63,7 @@ from tests.pattern import pattern_sha256
 SCENARIOS = Path(__file__).with_name("scenarios.toml")
 PROBE_PORT = 9999
 LAN = {"rtt_ms": 0, "jitter_ms": 0, "rate_mbit": 0, "loss": 0.0}
+RESET_INTERVALS = 2.5  # with resets, a download lasts at least this many intervals at the link rate
 
 
 @dataclass
@@ -76,6 +95,7 @@ class Run:
     defaults: dict[str, Any]
     impaired: str
     quick: bool
+    reset_every: float = 0.0  # --reset-origin-every: the transfer then spans several resets
 
     def link(self, side: str) -> dict[str, Any]:
         """The profile on the impaired side(s), lan elsewhere."""
@@ -101,6 +121,7 @@ class Run:
     def transfer_bytes(self) -> int:
         cap = self.defaults.get("max_transfer_mib", 256) << 20
         seconds = 4 if self.quick else self.defaults.get("transfer_seconds", 20)
+        seconds = max(seconds, RESET_INTERVALS * self.reset_every)
         if not self.bottleneck_mbit:
             return (16 << 20) if self.quick else cap
         return min(cap, int(self.bottleneck_mbit * 1e6 / 8 * seconds))
@@ -190,8 +211,57 @@ def download(topology: Topology, target: Running, run: Run, work: Workdir,
     dest.unlink(missing_ok=True)
     figures = goodput(out, run, "speed_download")
     figures["ttfb_ms"] = round(out["time_starttransfer"] * 1000, 1)
-    figures["intact"] = out["http_code"] == 200 and digest == origin.digest
+    figures["completed"] = out["exit"] == 0 and out["http_code"] == 200
+    figures["intact"] = figures["completed"] and digest == origin.digest
+    figures |= {"received": out["size_download"], "http_code": out["http_code"],
+                "exit": out["exit"]}
     return figures
+
+
+ARIA2 = "aria2c -x16 direct"
+ARIA2_ARGS = ("-x16", "-s16", "-k1M")
+ARIA2_QUIET = ("--no-conf=true", "--file-allocation=none", "--allow-overwrite=true",
+               "--auto-file-renaming=false", "--summary-interval=0",
+               "--show-console-readout=false", "--download-result=hide", "--console-log-level=error")
+
+
+def aria2_target(origin: Origin) -> Running | None:
+    """aria2c in the client namespace, straight to the origin; None when it is not installed."""
+    if not shutil.which("aria2c"):
+        return None
+    return Running(ARIA2, origin.running.url, None,
+                   note=f"aria2c {' '.join(ARIA2_ARGS)} in the client namespace straight to the "
+                        "origin, into tmpfs; goodput = file size / aria2c's wall time; no TTFB")
+
+
+def aria2_download(topology: Topology, target: Running, run: Run, work: Workdir,
+                   origin: Origin) -> dict[str, Any]:
+    """The download workload with aria2c's segmented client instead of curl."""
+    scratch = Path(tempfile.mkdtemp(prefix="aria2-", dir=tmpfs_or(work.path)))
+    dest = scratch / "big.bin"
+    try:
+        started = time.monotonic()
+        result = topology.ns_run(topology.client, "timeout", transfer_limit(run), "aria2c",
+                                 *ARIA2_ARGS, *ARIA2_QUIET, "-d", str(scratch), "-o", dest.name,
+                                 f"{target.url}{origin.big()}", check=False)
+        seconds = time.monotonic() - started
+        digest, received = file_sha256(dest), bytes_on_disk(dest)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    completed = result.returncode == 0
+    figures = goodput({"speed_download": received / seconds, "time_total": round(seconds, 3)},
+                      run, "speed_download")
+    return figures | {"completed": completed, "intact": completed and digest == origin.digest,
+                      "received": received, "exit": result.returncode,
+                      "error": result.stderr.strip()[-200:]}
+
+
+def bytes_on_disk(path: Path) -> int:
+    """What a (sparse, possibly incomplete) download holds: its allocated blocks, up to its size."""
+    if not path.exists():
+        return 0
+    stat = path.stat()
+    return min(stat.st_size, stat.st_blocks * 512)
 
 
 def upload(topology: Topology, target: Running, run: Run, work: Workdir,
@@ -206,18 +276,24 @@ def upload(topology: Topology, target: Running, run: Run, work: Workdir,
 
 
 CURL_FIELDS = ("speed_download", "speed_upload", "time_starttransfer", "size_upload",
-               "http_code", "time_total")
+               "http_code", "time_total", "size_download")
+
+
+def transfer_limit(run: Run) -> str:
+    """Seconds a large transfer may take: a cubic flow on a lossy link can run at a twentieth of
+    the link rate, so leave it the time."""
+    seconds = max(run.defaults.get("transfer_seconds", 20), RESET_INTERVALS * run.reset_every)
+    return str(int(40 * seconds + 120))
 
 
 def curl(topology: Topology, run: Run, args: list[str]) -> dict[str, Any]:
-    # A cubic flow on a lossy link can run at a twentieth of the link rate: leave it the time.
-    limit = str(int(40 * run.defaults.get("transfer_seconds", 20) + 120))
     template = " ".join("%{" + name + "}" for name in CURL_FIELDS)
-    result = topology.ns_run(topology.client, "curl", "-s", "--max-time", limit, "-w", template,
-                             *args, check=False)
+    result = topology.ns_run(topology.client, "curl", "-s", "--max-time", transfer_limit(run),
+                             "-w", template, *args, check=False)
     values = (result.stdout.split() + ["0"] * len(CURL_FIELDS))[:len(CURL_FIELDS)]
-    return {name: float(value) if "." in value else int(value)
-            for name, value in zip(CURL_FIELDS, values, strict=True)}
+    out: dict[str, Any] = {name: float(value) if "." in value else int(value)
+                           for name, value in zip(CURL_FIELDS, values, strict=True)}
+    return out | {"exit": result.returncode}
 
 
 def goodput(out: dict[str, Any], run: Run, field: str) -> dict[str, Any]:
@@ -259,11 +335,46 @@ def open_origin(run: Run, topology: Topology, work: Workdir) -> Origin:
 
 
 WORKLOADS = ("small", "download", "upload")
+Workload = Callable[[Topology, Running, Run, Workdir, Origin], dict[str, Any]]
+RUNNERS: dict[str, Workload] = {"small": small_requests, "download": download, "upload": upload}
 
 
-def measure(run: Run, topology: Topology, work: Workdir, fileproxy_flags: list[str],
-            chosen: tuple[str, ...] = WORKLOADS, variants: dict[str, list[str]] | None = None
-            ) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], list[str]]:
+@dataclass
+class Started:
+    """The origin and the proxies of a run, and what each workload runs against."""
+
+    origin: Origin
+    proxies: list[Running]
+    targets: list[Running]
+    notes: list[str]
+
+    def stop(self) -> None:
+        for target in self.proxies:
+            target.stop()
+        self.origin.running.stop()
+
+    def plan(self, chosen: tuple[str, ...]) -> dict[str, list[tuple[Running, Workload]]]:
+        """Every chosen workload against every target; downloads also with aria2c."""
+        plan = {name: [(target, RUNNERS[name]) for target in self.targets]
+                for name in WORKLOADS if name in chosen}
+        if "download" in plan:
+            aria2 = aria2_target(self.origin)
+            if aria2 is None:
+                self.notes.append(f"{ARIA2}: aria2c not installed, row skipped "
+                                  "(apt-get install aria2)")
+            else:
+                plan["download"].append((aria2, aria2_download))
+        return plan
+
+    def target_notes(self, plan: dict[str, list[tuple[Running, Workload]]]) -> list[str]:
+        described = dict.fromkeys(target.name + ": " + target.note for rows in plan.values()
+                                  for target, _ in rows if target.note)
+        return [*self.notes, *described]
+
+
+def start_targets(run: Run, topology: Topology, work: Workdir, fileproxy_flags: list[str],
+                  variants: dict[str, list[str]] | None) -> Started:
+    """The origin, then fileproxy (and its variants), nginx and naive in the proxy namespace."""
     origin = open_origin(run, topology, work)
     running = origin.running
     place = Place(PROXY_CLIENT_SIDE, topology.proxy)
@@ -273,24 +384,79 @@ def measure(run: Run, topology: Topology, work: Workdir, fileproxy_flags: list[s
         proxies.insert(1, replace(variant, name=f"fileproxy {label}"))
     targets = [Running("direct", running.url, None, note="routed through the proxy namespace"),
                *proxies]
-    workloads = {name: workload for name, workload in
-                 (("small", small_requests), ("download", download), ("upload", upload))
-                 if name in chosen}
+    return Started(origin, proxies, targets, notes)
+
+
+def measure(run: Run, topology: Topology, work: Workdir, fileproxy_flags: list[str],
+            chosen: tuple[str, ...] = WORKLOADS, variants: dict[str, list[str]] | None = None
+            ) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], list[str]]:
+    started = start_targets(run, topology, work, fileproxy_flags, variants)
+    plan = started.plan(chosen)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {w: {} for w in WORKLOADS}
     repeat = 1 if run.quick else run.defaults.get("repeat", 3)
-    steps, step = len(workloads) * repeat * len(targets), 0
-    for name, workload in workloads.items():
+    steps, step = sum(len(rows) for rows in plan.values()) * repeat, 0
+    for name, rows in plan.items():
         for rep in range(repeat):
-            for target in targets:
+            for target, workload in rows:
                 step += 1
-                figures = workload(topology, target, run, work, origin)
+                figures = workload(topology, target, run, work, started.origin)
                 results[name].setdefault(target.name, []).append(figures)
                 progress(f"[{step}/{steps}] {name} #{rep + 1} {target.name}: {figures}")
-    for target in proxies:
-        target.stop()
-    running.stop()
-    notes += [f"{t.name}: {t.note}" for t in targets if t.note]
-    return results, notes
+    started.stop()
+    return results, started.target_notes(plan)
+
+
+# ---------------------------------------------------------------- resets on the origin link
+
+@dataclass
+class Resets:
+    """What the resetter did during one download."""
+
+    rounds: int = 0  # resets that hit at least one connection
+    connections: int = 0
+
+
+@contextlib.contextmanager
+def resetting(topology: Topology, port: int, every: float) -> Iterator[Resets]:
+    """Reset every TCP connection of the origin's port each `every` seconds (`ss -K` in the origin
+    namespace: the origin's socket is aborted and its peer gets a reset, as when a link drops)."""
+    resets, stop = Resets(), threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every):
+            killed = topology.ns_run(topology.origin, "ss", "-K", "-t", "-H", "sport", "=",
+                                     f":{port}", check=False).stdout
+            count = sum(1 for line in killed.splitlines() if line.strip())
+            resets.rounds += count > 0
+            resets.connections += count
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield resets
+    finally:
+        stop.set()
+        thread.join()
+
+
+def measure_resets(run: Run, topology: Topology, work: Workdir, fileproxy_flags: list[str],
+                   variants: dict[str, list[str]] | None = None
+                   ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """One download per target, each with the origin's connections reset every interval."""
+    started = start_targets(run, topology, work, fileproxy_flags, variants)
+    plan = started.plan(("download",))
+    port = urlsplit(started.origin.running.url).port or 80
+    results: dict[str, dict[str, Any]] = {}
+    for step, (target, workload) in enumerate(plan["download"], 1):
+        progress(f"[{step}/{len(plan['download'])}] download {target.name}, origin connections "
+                 f"reset every {run.reset_every:g} s")
+        with resetting(topology, port, run.reset_every) as resets:
+            figures = workload(topology, target, run, work, started.origin)
+        results[target.name] = figures | {"resets": resets.rounds,
+                                          "connections_reset": resets.connections}
+        progress(f"... {results[target.name]}")
+    started.stop()
+    return results, started.target_notes(plan)
 
 
 def measured_targets(results: dict[str, Any]) -> list[str]:
@@ -340,6 +506,56 @@ def report(run: Run, results: dict[str, Any], checks: list[dict[str, Any]], vali
             "Notes:\n" + "\n".join(f"- {note}" for note in notes))
 
 
+def report_resets(run: Run, results: dict[str, dict[str, Any]], checks: list[dict[str, Any]],
+                  valid: bool, notes: list[str], emulation: str) -> str:
+    """One row per target: did its download survive the resets, intact, and how fast."""
+    headers = ["target", "completed", "byte-exact", "received MB", "seconds", "Mbit/s",
+               "share of link", "resets during it", "connections reset", "HTTP status",
+               "client exit"]
+    rows = [[name, yes(r["completed"]), yes(r["intact"]), f"{r['received'] / 1e6:.2f}",
+             round(r["seconds"], 1), r["mbit"], r["share_of_link"], r["resets"], r["connections_reset"],
+             r.get("http_code", "-"), r["exit"]]
+            for name, r in results.items()]
+    link_rows = [[c["check"], c["configured"], c["measured"], "ok" if c["ok"] else "OFF"]
+                 for c in checks]
+    profile, every = run.profile, run.reset_every
+    head = (f"Profile `{run.profile_name}` on {run.impaired_links}: RTT {profile['rtt_ms']} "
+            f"+- {profile['jitter_ms']} ms, {profile['rate_mbit'] or 'unlimited'} Mbit/s, "
+            f"{profile['loss'] * 100:g}% loss each way; links: {emulation}. One "
+            f"{run.transfer_bytes / 1e6:.1f} MB download per target ({link_seconds(run)}) "
+            f"while every TCP connection of the origin's port is reset every {every:g} s "
+            f"(`ss -K` in the origin namespace, from {every:g} s into each download until it "
+            "ends).")
+    validity = "" if valid else ("\n\n**INVALID RUN: the emulated links were more than 20% off "
+                                 "their configuration (see the link checks).**")
+    expected = ("direct, nginx and naive aiohttp cannot continue a body whose connection was "
+                "reset, so a reset during their download cuts it (completed: NO); fileproxy "
+                "completes only where it resumes a cut upstream body with Range + If-Range into "
+                "the same response. Mbit/s of a row that did not complete is what arrived before "
+                "the cut over the time until then. Resets during it: the resets that closed at "
+                "least one connection; connections reset counts every connection of the origin's "
+                "port they closed, the proxies' idle keep-alive ones included.")
+    idle = [f"{name}: no reset hit its download (it ended first, or held no connection at the "
+            "moments of the resets): this row tests nothing"
+            for name, r in results.items() if not r["resets"]]
+    return (f"{head}{validity}\n\nLink checks (measured before the run):\n\n"
+            f"{markdown_table(['check', 'configured', 'measured', 'verdict'], link_rows)}\n\n"
+            f"{markdown_table(headers, rows)}\n\n"
+            "Notes:\n" + "\n".join(f"- {note}" for note in [expected, *idle, *notes]))
+
+
+def yes(flag: bool) -> str:
+    return "yes" if flag else "NO"
+
+
+def link_seconds(run: Run) -> str:
+    """How long the run's transfer takes at the bottleneck rate."""
+    if not run.bottleneck_mbit:
+        return "no rate limit: it may well end before the first reset"
+    seconds = run.transfer_bytes * 8 / 1e6 / run.bottleneck_mbit
+    return f"{seconds:.0f} s at the {run.bottleneck_mbit:g} Mbit/s link rate"
+
+
 def chart(run: Run, results: dict[str, Any], path: Path, title: str = "") -> None:
     import matplotlib
 
@@ -357,7 +573,8 @@ def chart(run: Run, results: dict[str, Any], path: Path, title: str = "") -> Non
             axis.set_xticks([])
             axis.set_yticks([])
             continue
-        mids, errs = [], [[], []]
+        mids: list[float] = []
+        errs: list[list[float]] = [[], []]
         for target in targets:
             mid, low, high = figure(results[workload].get(target, []), key)
             mids.append(0 if mid != mid else mid)
@@ -422,9 +639,18 @@ def main() -> None:
     parser.add_argument("--congestion", action="append", default=[], metavar="ROLE=NAME",
                         help="a namespace's default congestion control, e.g. proxy=bbr "
                              "(roles: client, proxy, origin)")
+    parser.add_argument("--reset-origin-every", type=float, nargs="?", const=10.0,
+                        metavar="SECONDS",
+                        help="instead of the workloads: one download per target while every "
+                             "connection to the origin is reset every SECONDS (default 10); the "
+                             f"file lasts at least {RESET_INTERVALS:g} intervals at the link rate")
     args = parser.parse_args()
     require_root_and_ip()
     run = load_run(args)
+    if args.reset_origin_every is not None:
+        if args.reset_origin_every <= 0:
+            raise HarnessError("bench net: --reset-origin-every takes a number of seconds above 0")
+        run = replace(run, reset_every=args.reset_origin_every)
     congestion = dict(run.defaults.get("congestion", {}))
     for override in args.congestion:
         role, _, name = override.partition("=")
@@ -443,24 +669,52 @@ def main() -> None:
             for c in checks:
                 progress(f"link check {c['check']}: configured {c['configured']}, measured "
                          f"{c['measured']} -> {'ok' if c['ok'] else 'OFF BY MORE THAN 20%'}")
-            results, notes = measure(run, topology, work, flags,
-                                     tuple(args.workloads.split(",")), parse_variants(args.variant))
+            if run.reset_every:
+                survived, notes = measure_resets(run, topology, work, flags,
+                                                 parse_variants(args.variant))
+            else:
+                results, notes = measure(run, topology, work, flags,
+                                         tuple(args.workloads.split(",")),
+                                         parse_variants(args.variant))
             emulator = topology.emulator_stats()
         finally:
             work.remove()
+    name = f"net-{run.profile_name}-{run.impaired}" + \
+        ("-" + "-".join(args.congestion).replace("=", "") if args.congestion else "")
+    facts = {"profile": run.profile, "impaired": run.impaired, "valid": valid,
+             "link_checks": checks, "emulator": emulator, "notes": notes}
+    if run.reset_every:
+        finish_resets(run, f"{name}-reset{run.reset_every:g}s", facts, survived, valid,
+                      topology.description)
+        return
     markdown = report(run, results, checks, valid, notes, congestion, fileproxy_cc,
                       topology.description)
     print(markdown)
-    name = f"net-{run.profile_name}-{run.impaired}" + \
-        ("-" + "-".join(args.congestion).replace("=", "") if args.congestion else "")
-    paths = save_results(name, {"profile": run.profile, "impaired": run.impaired,
-                                "valid": valid, "link_checks": checks, "results": results,
-                                "emulator": emulator, "notes": notes}, markdown)
+    paths = save_results(name, {**facts, "results": results}, markdown)
     png = RESULTS / f"{name}-latest.png"
     chart(run, results, png)
     progress(f"saved {paths[0]}, {paths[1]} and {png}")
     if not valid:
         sys.exit(3)
+
+
+def finish_resets(run: Run, name: str, facts: dict[str, Any], results: dict[str, dict[str, Any]],
+                  valid: bool, emulation: str) -> None:
+    """Print and save the reset scenario's table; exit 3 if the links were off, 4 if a fileproxy
+    row did not deliver the whole body byte-exact."""
+    markdown = report_resets(run, results, facts["link_checks"], valid, facts["notes"], emulation)
+    print(markdown)
+    paths = save_results(name, {**facts, "reset_every_s": run.reset_every,
+                                "transfer_bytes": run.transfer_bytes, "results": results},
+                         markdown)
+    progress(f"saved {paths[0]} and {paths[1]}")
+    failed = [target for target, r in results.items()
+              if target.startswith("fileproxy") and not r["intact"]]
+    if not valid:
+        sys.exit(3)
+    if failed:
+        progress(f"{', '.join(failed)}: the download did not survive the resets byte-exact")
+        sys.exit(4)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,16 @@ def parse_seconds(text: str) -> float:
     return float(match.group(1)) * _TIME_UNITS[match.group(2)]
 
 
+def parse_segments(text: str) -> int:
+    """'auto' -> 0 (adaptive), else a positive count (1: off)."""
+    if str(text).strip().lower() == "auto":
+        return 0
+    count = parse_count(text)
+    if count < 1:
+        raise ValueError("expected auto or a positive count")
+    return count
+
+
 def parse_bool(text: str) -> bool:
     lowered = str(text).strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -245,10 +255,14 @@ class Config:
         "If-Range into the same client response; the client is cut after this many attempts "
         "in a row bring no new byte (0: cut at once, as nginx)", metavar="N")
     upstream_segments: int = setting(
-        1, positive(parse_count),
-        "fetch a large GET's body from the upstream as this many byte ranges at once, relayed "
-        "in order (1: off); for lossy upstream links, needs Accept-Ranges and a strong ETag",
-        metavar="N")
+        0, parse_segments,
+        "fetch a large GET's body from the upstream as byte ranges on several connections, "
+        "relayed in order (needs Accept-Ranges and a strong ETag): auto (one connection, more "
+        "while each raises the goodput, none on a short path), N at once, or 1 (off)",
+        metavar="auto|N")
+    upstream_segments_max: int = setting(
+        16, positive(parse_count), "the most connections --upstream-segments auto opens for "
+        "one response", metavar="N")
     segment_size: int = setting(1024 * 1024, positive(parse_size),
                                 "bytes per range with --upstream-segments; memory per transfer "
                                 "stays under N of them", metavar="SIZE")

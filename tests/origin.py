@@ -51,7 +51,8 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
 
 
 async def bytes_handler(request: web.Request) -> web.StreamResponse:
-    """GET/HEAD /bytes/{size}?seed=&chunked=1&norange=1: the deterministic body."""
+    """GET/HEAD /bytes/{size}?seed=&chunked=1&norange=1&rate=: the deterministic body (rate:
+    bytes a second per response)."""
     size = int(request.match_info["size"])
     seed = int(request.query.get("seed", "1"))
     etag = f'"{size}-{seed}"'
@@ -75,11 +76,22 @@ async def bytes_handler(request: web.Request) -> web.StreamResponse:
         response.content_length = end - start
     await response.prepare(request)
     if request.method != "HEAD":
-        for piece in pattern(start, end - start, seed):
-            await response.write(piece)
+        await send_at_rate(response, pattern(start, end - start, seed),
+                           float(request.query.get("rate", "0")))
     await response.write_eof()
-    record(request, "bytes-sent", size=end - start)
+    record(request, "bytes-sent", size=end - start, range=request.headers.get("Range"))
     return response
+
+
+async def send_at_rate(response: web.StreamResponse, pieces, rate: float) -> None:
+    """Write the pieces, at most `rate` bytes a second on this response (0: no limit), as a
+    sender on a long lossy link is held to a fraction of it per connection."""
+    started, sent = time.monotonic(), 0
+    for piece in pieces:
+        await response.write(piece)
+        sent += len(piece)
+        if rate:
+            await asyncio.sleep(max(0.0, started + sent / rate - time.monotonic()))
 
 
 CUTS = web.AppKey("cuts", dict)

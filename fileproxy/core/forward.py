@@ -36,6 +36,7 @@ from fileproxy.http.headers import (
     peer_address,
 )
 from fileproxy.policy.balancing import Upstream
+from fileproxy.upstream.adaptive import AdaptiveFetch, adaptive_plan, path_rtt
 from fileproxy.upstream.aiohttp_client import ForwardedBody, UpstreamResponse, send
 from fileproxy.upstream.lean import Interim
 from fileproxy.upstream.resume import Resumer, resumable_span
@@ -203,15 +204,21 @@ async def sent_later(app: web.Application, outgoing: Outgoing, body: ForwardedBo
 
 def segmented(app: web.Application, upstream: Upstream, outgoing: Outgoing,
               response: UpstreamResponse) -> SegmentedFetch | None:
-    """--upstream-segments: the rest of a large body fetched as ranges from the same upstream."""
-    plan = plan_for(app[CONFIG], outgoing, response)
-    if plan is None:
-        return None
+    """--upstream-segments: the rest of a large body fetched as ranges from the same upstream,
+    on N connections, or (auto) on as many as raise the goodput."""
+    config, metrics = app[CONFIG], app[METRICS]
 
     def fetch(ranged: Outgoing) -> Awaitable[UpstreamResponse]:
         return send(app[SESSION], upstream, ranged, None, None, app.get(LEAN))
 
-    return SegmentedFetch(plan, outgoing, fetch)
+    plan = plan_for(config, outgoing, response)
+    if plan is not None:
+        return SegmentedFetch(plan, outgoing, fetch)
+    plan = adaptive_plan(config, outgoing, response)
+    if plan is None:
+        return None
+    return AdaptiveFetch(plan, outgoing, fetch, path_rtt(response),
+                         report=metrics.segment_connections.observe)
 
 
 def resuming(app: web.Application, upstream: Upstream, outgoing: Outgoing,

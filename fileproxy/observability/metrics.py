@@ -148,6 +148,10 @@ class Metrics:
         self.bytes_out = Counter("fileproxy_response_body_bytes",
                                  "Response body bytes sent to clients", registry=r)
         self.retries = Counter("fileproxy_retries", "Retried upstream attempts", registry=r)
+        self.segment_connections = Histogram(
+            "fileproxy_upstream_connections_per_transfer",
+            "Upstream connections one adaptive ranged fetch grew to (--upstream-segments auto)",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), registry=r)
         self.resumes = Counter("fileproxy_upstream_resumes",
                                "Response bodies continued after an upstream cut (Range + "
                                "If-Range), or not (refused)", ("outcome",), registry=r)

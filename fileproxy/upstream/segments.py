@@ -57,18 +57,25 @@ class Plan:
 
 
 def plan_for(config: Config, outgoing: Outgoing, response: UpstreamResponse) -> Plan | None:
-    """A plan when segments are on and the response can be split safely, else None."""
-    if config.upstream_segments < 2 or outgoing.method != "GET" or response.status != 200 \
-            or hdrs.RANGE in outgoing.headers:
+    """A plan when a fixed number of segments is set and the response can be split safely."""
+    if config.upstream_segments < 2:
+        return None
+    split = splittable(outgoing, response)
+    if split is None or split[0] < 2 * config.segment_size:
+        return None
+    return Plan(split[0], config.segment_size, split[1], config.upstream_segments)
+
+
+def splittable(outgoing: Outgoing, response: UpstreamResponse) -> tuple[int, str] | None:
+    """(length, strong ETag) of a GET's 200 for a whole object that ranges can be asked of."""
+    if outgoing.method != "GET" or response.status != 200 or hdrs.RANGE in outgoing.headers:
         return None
     headers = response.headers
     etag = headers.get(hdrs.ETAG, "")
     if headers.get(hdrs.ACCEPT_RANGES, "").lower() != "bytes" or not etag.startswith('"'):
         return None  # (a weak W/"..." validator cannot guard a byte range: RFC 9110 13.1.5)
     length = response_length(response)
-    if length is None or length < 2 * config.segment_size:
-        return None
-    return Plan(length, config.segment_size, etag, config.upstream_segments)
+    return None if length is None else (length, etag)
 
 
 class Segment:

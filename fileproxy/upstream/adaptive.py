@@ -1,0 +1,199 @@
+"""Adaptive parallel ranged fetch (`--upstream-segments auto`, the default).
+
+On a long lossy upstream link one TCP flow gets a fraction of the bandwidth whatever its receiver
+does; several ranged connections side by side fill it. How many is not known in advance, so a
+large response (strong ETag, Accept-Ranges, at least AUTO_MIN_LENGTH) on a long path (its
+connection's round trip at least --tcp-congestion-min-rtt) starts on its own connection alone,
+segment after segment; every probe interval the goodput of all connections together is measured,
+and the number of connections doubles while the last step raised it by GAIN or more, up to
+--upstream-segments-max (a step that did not pay is taken back). A short path (loopback, a
+LAN), where one connection already fills the link, gets none. Segments are relayed in order; at
+most max(connections, 2) of them are in memory (the original connection keeps reading ahead by
+one until a ranged one takes the next segment, then it stops). A failed segment is fetched
+again from where it stopped (segments.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+from fileproxy.config import Config
+from fileproxy.http.headers import Outgoing
+from fileproxy.upstream.aiohttp_client import UpstreamResponse
+from fileproxy.upstream.segments import (
+    FETCH_ERRORS,
+    Fetch,
+    Plan,
+    Segment,
+    SegmentedFetch,
+    splittable,
+)
+from fileproxy.upstream.sockets import handshake_rtt
+
+log = logging.getLogger("fileproxy.upstream.adaptive")
+
+AUTO = 0  # --upstream-segments auto
+AUTO_MIN_LENGTH = 16 << 20  # smaller bodies end before more connections could pay off
+GAIN = 1.15  # a connection stays when the total goodput rose by this much with it
+PROBE_SECONDS = 1.0  # at least; and at least 8 round trips (a new flow's slow start)
+
+
+def adaptive_plan(config: Config, outgoing: Outgoing, response: UpstreamResponse) -> Plan | None:
+    """A plan when segments are auto and the response is large, splittable and on a long path."""
+    if config.upstream_segments != AUTO:
+        return None
+    split = splittable(outgoing, response)
+    if split is None or split[0] < max(AUTO_MIN_LENGTH, 2 * config.segment_size):
+        return None
+    rtt = path_rtt(response)
+    if rtt is not None and rtt < config.tcp_congestion_min_rtt:
+        return None  # one connection fills a short path
+    return Plan(split[0], config.segment_size, split[1], config.upstream_segments_max)
+
+
+def path_rtt(response: UpstreamResponse) -> float | None:
+    connection = response.connection
+    transport = connection.transport if connection is not None else None
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return handshake_rtt(sock) if sock is not None else None
+
+
+class AdaptiveFetch(SegmentedFetch):
+    """The body of `first` (a 200 for the whole object), on as many connections as pay off."""
+
+    def __init__(self, plan: Plan, outgoing: Outgoing, fetch: Fetch, rtt: float | None = None,
+                 report: Callable[[int], None] = lambda most: None) -> None:
+        super().__init__(plan, outgoing, fetch)
+        self.report = report  # the most connections the transfer had, once it ends
+        self.segments = [Segment(start, end) for start, end in plan.spans()]
+        self.claimed = 0  # segments [0, claimed) have a filler
+        self.relayed = 0  # the segment being relayed
+        self.connections = 1  # wanted: the original one and connections - 1 ranged ones
+        self.most = 1  # the most connections this transfer had
+        self.ranged = 0  # ranged fillers running
+        self.streaming = True  # the original connection still reads
+        self.interval = max(PROBE_SECONDS, 8 * (rtt or 0.0))
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._window_moved = asyncio.Event()
+
+    async def chunks(self, first: UpstreamResponse) -> AsyncIterator[bytes]:
+        """The body in order; raises SegmentFailed when it cannot be completed."""
+        self.spawn(self.stream(first, self.claim_next()))
+        self.spawn(self.control())
+        try:
+            for index, segment in enumerate(self.segments):
+                self.relayed = index
+                self.schedule()
+                while (chunk := await segment.next()) is not None:
+                    yield chunk
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self.report(self.most)
+
+    # -- who fetches what
+
+    def window_end(self) -> int:
+        return self.relayed + max(self.connections, 2)
+
+    def claim_next(self) -> Segment:
+        segment = self.segments[self.claimed]
+        self.claimed += 1
+        return segment
+
+    def can_claim(self) -> bool:
+        return self.claimed < len(self.segments) and self.claimed < self.window_end()
+
+    def schedule(self) -> None:
+        """Ranged fillers for the window's unclaimed segments, up to the connections wanted;
+        the original connection is told the window moved."""
+        while self.ranged + self.streaming < self.connections and self.can_claim():
+            self.ranged += 1
+            self.spawn(self.fill_ranged(self.claim_next()))
+        self._window_moved.set()
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def fill_ranged(self, segment: Segment) -> None:
+        try:
+            await self.fill(segment)
+        finally:
+            self.ranged -= 1
+            self.schedule()
+
+    async def stream(self, response: UpstreamResponse, segment: Segment) -> None:
+        """The original response's body, segment after segment, while the next one is still
+        unclaimed (it waits while the window is full); it stops once a ranged connection took
+        the next one. A cut here leaves the rest of its segment to a ranged fetch."""
+        carried = b""  # read past the end of the segment before: the next one's first bytes
+        try:
+            async with response:
+                while True:
+                    try:
+                        carried = await read_span(segment, response, carried)
+                    except FETCH_ERRORS as error:
+                        log.info("segment at %d: the first connection failed (%r); ranges go "
+                                 "on", segment.start, error)
+                        break
+                    segment.finish()
+                    following = await self.next_in_line(segment)
+                    if following is None:
+                        return
+                    segment = following
+            await self.fill(segment)  # (the rest of the segment it was reading when cut)
+        finally:
+            self.streaming = False
+            self.schedule()
+
+    async def next_in_line(self, segment: Segment) -> Segment | None:
+        """The segment right after `segment` once the window allows it, if no one took it."""
+        index = self.segments.index(segment) + 1
+        while self.claimed == index and not self.can_claim():
+            self._window_moved.clear()
+            await self._window_moved.wait()
+        return self.claim_next() if self.claimed == index else None
+
+    # -- how many connections
+
+    async def control(self) -> None:
+        """Every interval: the goodput of all connections together; twice as many while that
+        paid, else back to the last count that did."""
+        before, last_received, last_time = None, 0, time.monotonic()
+        paid = self.connections
+        while self.connections < self.plan.parallel:
+            await asyncio.sleep(self.interval)
+            received, now = sum(s.received for s in self.segments), time.monotonic()
+            rate = (received - last_received) / max(now - last_time, 1e-6)
+            last_received, last_time = received, now
+            if before is not None and rate < before * GAIN:
+                self.connections = paid
+                log.info("adaptive fetch: %d connections (%.1f Mbit/s; more did not pay)",
+                         paid, before * 8e-6)
+                return
+            before, paid = rate, self.connections
+            self.connections = min(self.plan.parallel, self.connections * 2)
+            self.most = max(self.most, self.connections)
+            self.schedule()
+
+
+async def read_span(segment: Segment, response: UpstreamResponse, carried: bytes) -> bytes:
+    """The segment's missing bytes, `carried` first, then from the response body; returns what
+    was read past the segment's end (it belongs to the next segment)."""
+    chunk = carried
+    while segment.missing:
+        if not chunk:
+            chunk = await response.content.readany()
+            if not chunk:
+                raise ConnectionResetError("the body ended early")
+        taken = chunk[:segment.missing]
+        segment.put(taken)
+        chunk = chunk[len(taken):]
+    return chunk

@@ -1,0 +1,76 @@
+"""--upstream-segments auto: one upstream connection on a short path; on a long one, more ranged
+connections while each raises the goodput (up to --upstream-segments-max), relayed in order."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from tests.pattern import pattern_sha256
+from tests.test_streaming import sha256_of
+
+MIB = 1024 * 1024
+
+
+def connections_reached(metrics: str) -> dict[str, float]:
+    """The per-transfer connection histogram's cumulative buckets."""
+    return {bucket: float(count) for bucket, count in re.findall(
+        r'fileproxy_upstream_connections_per_transfer_bucket\{le="([^"]+)"\} (\S+)', metrics)}
+
+
+async def ranges_sent(origin, count: int) -> list[str | None]:
+    """The Range of each /bytes response the origin finished, once `count` have (it records a
+    response after its last byte left, which the proxy may pass on first)."""
+    for _ in range(500):
+        if len(events := origin.events("bytes-sent")) >= count:
+            return [event["range"] for event in events]
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the origin finished fewer than {count} responses")
+
+
+async def metrics_of(client, proxy) -> str:
+    async with client.get(f"{proxy.url}/_fileproxy/metrics") as response:
+        return await response.text()
+
+
+async def test_one_connection_on_a_short_path(origin, proxy, client):
+    """Loopback answers its handshake in microseconds: one connection already fills it."""
+    size = 20 * MIB
+    async with client.get(f"{proxy.url}/bytes/{size}?seed=3") as response:
+        assert await sha256_of(response) == (pattern_sha256(size, seed=3), size)
+    assert await ranges_sent(origin, 1) == [None]
+    assert connections_reached(await metrics_of(client, proxy)).get("+Inf", 0.0) == 0.0
+
+
+async def test_connections_are_added_while_they_raise_the_goodput(origin, make_proxy, client):
+    """A long path (a threshold of 0 makes loopback one) and an origin that sends each response
+    at 2 MiB/s, as a lossy link holds each flow: every added connection raises the total, so
+    the fetch grows to the maximum, and the body arrives whole and in order."""
+    proxy = await make_proxy(origin.url, tcp_congestion_min_rtt=0, upstream_segments_max=4)
+    size = 24 * MIB + 7
+    async with client.get(f"{proxy.url}/bytes/{size}?seed=4&rate={2 * MIB}") as response:
+        assert response.headers["Content-Length"] == str(size)
+        assert await sha256_of(response) == (pattern_sha256(size, seed=4), size)
+    ranges = await ranges_sent(origin, 5)
+    # (the original response was left once ranges took over: it never finished sending)
+    assert len(ranges) > 4 and all(r.startswith("bytes=") for r in ranges)
+    reached = connections_reached(await metrics_of(client, proxy))
+    assert (reached["3.0"], reached["4.0"]) == (0.0, 1.0)  # grew to 4, never past
+
+
+async def test_no_growth_when_a_connection_does_not_pay(origin, make_proxy, client):
+    """Unlimited loopback: a second connection adds nothing, so the fetch goes back to one."""
+    proxy = await make_proxy(origin.url, tcp_congestion_min_rtt=0)
+    size = 64 * MIB
+    async with client.get(f"{proxy.url}/bytes/{size}?seed=5") as response:
+        assert await sha256_of(response) == (pattern_sha256(size, seed=5), size)
+    reached = connections_reached(await metrics_of(client, proxy))
+    assert reached["+Inf"] == 1.0 and reached["2.0"] == 1.0  # at most the one probe
+
+
+async def test_fixed_count_and_off_still_mean_what_they_say(origin, make_proxy, client):
+    proxy = await make_proxy(origin.url, tcp_congestion_min_rtt=0, upstream_segments=1)
+    size = 20 * MIB
+    async with client.get(f"{proxy.url}/bytes/{size}?rate={8 * MIB}") as response:
+        assert await sha256_of(response) == (pattern_sha256(size), size)
+    assert await ranges_sent(origin, 1) == [None]
