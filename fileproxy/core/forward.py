@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from fileproxy.core.relay import (
     ClientSide,
     Relayed,
     RelayingRequest,
+    ResumeFor,
     S,
     W,
     relay,
@@ -58,10 +60,10 @@ Respond = Callable[[UpstreamResponse, float | None, "BodyFetch"], Awaitable[R]]
 @dataclass(frozen=True)
 class BodyFetch:
     """How the rest of a response's body may be had: in segments side by side, or continued
-    after a cut (resumer); neither for most responses."""
+    after a cut (resume, asked only once a cut happens); neither for most responses."""
 
     segments: SegmentedFetch | None = None
-    resumer: Resumer | None = None
+    resume: ResumeFor | None = None
 
 
 async def serve_request(app: web.Application, request: ServedRequest, side: ClientSide[W, S, E],
@@ -90,7 +92,7 @@ async def serve_request(app: web.Application, request: ServedRequest, side: Clie
                 app, outgoing, body_for(outgoing), exchange,
                 interim_relay(request.version, request.transport),
                 lambda upstream, deadline, fetch: relay(request, upstream, config, deadline,
-                                                        side, fetch.segments, fetch.resumer))
+                                                        side, fetch.segments, fetch.resume))
     except ProxyError as error:
         exchange.fail(error)
         return side.error(error, exchange.request_id)
@@ -120,10 +122,11 @@ async def forward_with(app: web.Application, outgoing: Outgoing, body: Forwarded
         exchange.bytes_in = body.body_bytes if body is not None else 0
     exchange.ttfb = time.monotonic() - exchange.started
     segments = segmented(app, upstream, outgoing, upstream_response)
-    resumer = None if segments else resuming(app, upstream, outgoing, upstream_response, exchange)
+    resume = None if segments else functools.partial(resuming, app, upstream, outgoing,
+                                                     upstream_response, exchange)
     try:
         async with upstream_response:
-            response = await respond(upstream_response, deadline, BodyFetch(segments, resumer))
+            response = await respond(upstream_response, deadline, BodyFetch(segments, resume))
     finally:
         upstream.end()
     exchange.relayed(response)

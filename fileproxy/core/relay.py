@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol, TypeVar
 
@@ -31,6 +31,11 @@ log = logging.getLogger("fileproxy.core.relay")
 
 class UpstreamCut(Exception):
     """The upstream's body ended before its length: a reset, an early FIN, a stall."""
+
+
+# How a cut body may be continued, decided at the first cut (nothing is spent on the bodies,
+# nearly all, that are never cut): a Resumer, or None when it cannot be.
+ResumeFor = Callable[[], Resumer | None]
 
 
 class Answer(Protocol):
@@ -100,7 +105,7 @@ class RelayingRequest(Protocol):
 
 async def relay(request: RelayingRequest, upstream: UpstreamResponse, config: Config,
                 deadline: float | None, side: ClientSide[W, S, Answer],
-                segments: SegmentedFetch | None = None, resumer: Resumer | None = None) -> W | S:
+                segments: SegmentedFetch | None = None, resume: ResumeFor | None = None) -> W | S:
     """The upstream's response to the client: whole when it is small and already here, else
     streamed (headers first, then the body) within the total deadline."""
     whole = arrived_whole(request, upstream)
@@ -109,7 +114,7 @@ async def relay(request: RelayingRequest, upstream: UpstreamResponse, config: Co
     response = await side.start(upstream)
     try:
         async with within(deadline):
-            await relay_body(request, upstream, response, config, segments, resumer)
+            await relay_body(request, upstream, response, config, segments, resume)
     except TimeoutError:
         abort_client(request, response, f"total timeout of {config.total_timeout:g} s",
                      fault="timeout")
@@ -131,9 +136,9 @@ def within(deadline: float | None) -> AbstractAsyncContextManager[object]:
 
 async def relay_body(request: RelayingRequest, upstream: UpstreamResponse, response: Streamed,
                      config: Config, segments: SegmentedFetch | None = None,
-                     resumer: Resumer | None = None) -> None:
+                     resume: ResumeFor | None = None) -> None:
     """Send the upstream's body: in segments fetched side by side when planned, else this
-    response's body continued after every cut when it can be (`resumer`); a body that cannot
+    response's body continued after every cut when it can be (`resume`); a body that cannot
     be completed closes the client connection instead of ending cleanly."""
     if body_expected(request, upstream):
         if segments is not None:
@@ -144,13 +149,13 @@ async def relay_body(request: RelayingRequest, upstream: UpstreamResponse, respo
                 abort_client(request, response, f"upstream body cut short after "
                                                 f"{response.body_bytes} bytes ({cut})")
         else:
-            await relay_resuming(request, upstream, response, config, resumer)
+            await relay_resuming(request, upstream, response, config, resume)
     if response.aborted is None:
         await response.write_eof()
 
 
 async def relay_resuming(request: RelayingRequest, first: UpstreamResponse, response: Streamed,
-                         config: Config, resumer: Resumer | None) -> None:
+                         config: Config, resume: ResumeFor | None) -> None:
     """The body of `first`; after each cut, the rest on a new ranged response into the same
     client response (upstream/resume.py), until it is complete or cannot be."""
     try:
@@ -158,6 +163,7 @@ async def relay_resuming(request: RelayingRequest, first: UpstreamResponse, resp
         return
     except UpstreamCut as cut:
         reason = str(cut)
+    resumer = resume() if resume is not None else None
     while (rest := await continuation(request, response, resumer, reason)) is not None:
         async with rest:
             try:
