@@ -17,12 +17,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 _children: list[subprocess.Popen[bytes]] = []
+_logs: dict[subprocess.Popen[bytes], Path] = {}  # the log file of each child started with one
 
 
 def free_port() -> int:
@@ -32,14 +34,23 @@ def free_port() -> int:
 
 
 def spawn(args: Sequence[str], *, log: Path | None = None,
-          **popen: object) -> subprocess.Popen[bytes]:
+          **popen: Any) -> subprocess.Popen[bytes]:
     """Start a child in its own process group; it is killed on exit, Ctrl-C or crash."""
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the child
-    process = subprocess.Popen(list(args), stdout=out, stderr=subprocess.STDOUT,
-                               start_new_session=True, cwd=ROOT, **popen)  # type: ignore[call-overload]
-    process.log_path = log  # type: ignore[attr-defined]
+    process: subprocess.Popen[bytes] = subprocess.Popen(
+        list(args), stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, **popen)
+    if log:
+        _logs[process] = log
     _children.append(process)
     return process
+
+
+def _program(process: subprocess.Popen[bytes]) -> str:
+    """The program a child runs: the first of its args (spawn always passes a list)."""
+    args = process.args
+    if isinstance(args, (str, bytes, os.PathLike)):
+        return os.fsdecode(args)
+    return os.fsdecode(args[0])
 
 
 def terminate(process: subprocess.Popen[bytes], grace: float = 10) -> None:
@@ -73,9 +84,9 @@ def wait_http(url: str, process: subprocess.Popen[bytes] | None = None, seconds:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            log = getattr(process, "log_path", None)
+            log = _logs.get(process)
             tail = log.read_text()[-600:] if log and log.exists() else ""
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}: {tail}")
+            raise RuntimeError(f"{_program(process)} exited with {process.returncode}: {tail}")
         try:
             with urllib.request.urlopen(url, timeout=1) as response:
                 response.read()

@@ -27,6 +27,7 @@ from pathlib import Path
 import requests
 from tusclient.client import TusClient
 from tusclient.exceptions import TusCommunicationError
+from tusclient.request import TusRequest
 from tusclient.uploader import Uploader
 
 CHUNK = 8 * 1024 * 1024  # bytes per PATCH; a cut mid-PATCH keeps what the proxy stored
@@ -43,6 +44,12 @@ class CountingUploader(Uploader):
     def _do_request(self) -> None:
         self.attempts += 1
         super()._do_request()
+
+    @property
+    def last_request(self) -> TusRequest | None:
+        """The last PATCH: tuspy's `request`, typed here since mypy takes its type from tuspy's
+        `self.request = None` in __init__. None before the first PATCH, and for an empty file."""
+        return self.request
 
 
 def tus_upload(base: str, path: Path, target: str, deadline: float) -> dict[str, object]:
@@ -67,7 +74,11 @@ def tus_upload(base: str, path: Path, target: str, deadline: float) -> dict[str,
                                  "seconds": round(time.monotonic() - started, 1),
                                  "attempts": uploader.attempts}
     if completed:
-        delivery = uploader.request.response_headers.get("fileproxy-delivery", "")
+        request = uploader.last_request
+        if request is None:
+            raise RuntimeError("tus: the upload completed without a PATCH, so there is no answer "
+                               "to read its fileproxy-delivery header from")
+        delivery = request.response_headers.get("fileproxy-delivery", "")
         result["intact"] = delivered_intact(base + delivery, path)
     return result
 

@@ -16,46 +16,29 @@ import json
 import os
 import shutil
 import sys
-import threading
 import tomllib
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from benchmarks.common import markdown_table, progress, save_results
 from benchmarks.cutclient import JS_DIR
 from benchmarks.net import SCENARIOS, Run
 from benchmarks.targets import Place, Running, Workdir, start_fileproxy, start_nginx
-from benchmarks.topology import ORIGIN_ADDR, PROXY_CLIENT_SIDE, Topology, require_root_and_ip
-
-
-@contextmanager
-def cutting(topology: Topology, every: float) -> Iterator[list[int]]:
-    """Abort every client TCP connection to the proxy each `every` seconds; yields [cuts]."""
-    cuts, stop = [0], threading.Event()
-
-    def loop() -> None:
-        while not stop.wait(every):
-            killed = topology.ns_run(topology.client, "ss", "-K", "-t", "-H", "dst",
-                                     PROXY_CLIENT_SIDE, check=False).stdout
-            cuts[0] += sum(1 for line in killed.splitlines() if line.strip())
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    try:
-        yield cuts
-    finally:
-        stop.set()
-        thread.join()
+from benchmarks.topology import (
+    ORIGIN_ADDR,
+    PROXY_CLIENT_SIDE,
+    Topology,
+    killing,
+    require_root_and_ip,
+)
 
 
 def upload(topology: Topology, args: list[str], cut_every: float, deadline: float
            ) -> dict[str, object]:
-    with cutting(topology, cut_every) as cuts:
+    with killing(topology, topology.client, ("dst", PROXY_CLIENT_SIDE), cut_every) as cuts:
         out = topology.ns_run(topology.client, sys.executable, "-m", "benchmarks.cutclient",
                               *args, "--deadline", str(deadline), check=False)
     lines = out.stdout.strip().splitlines()
     result = json.loads(lines[-1]) if lines else {"completed": False, "error": out.stderr[-300:]}
-    return {**result, "connections_cut": cuts[0]}
+    return {**result, "connections_cut": cuts.connections}
 
 
 def tusjs_ready() -> bool:

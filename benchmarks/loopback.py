@@ -92,12 +92,20 @@ def parallel_downloads(target: Running, origin: Running, plan: Plan) -> Figures:
     return {"MBps": total / elapsed / MB}
 
 
+def wrk_line(target: Running, pattern: str, out: str) -> re.Match[str]:
+    """The figure `pattern` finds in wrk's report, or an error showing what wrk printed."""
+    match = re.search(pattern, out)
+    if match is None:
+        raise RuntimeError(f"{target.name}: no {pattern!r} in what wrk printed:\n{out}")
+    return match
+
+
 def small_requests(target: Running, origin: Running, plan: Plan) -> Figures:
     url = target.url + origin_path(origin, "small.bin", 1024)
     out = subprocess.run(["wrk", "-t2", f"-c{plan.small_connections}", f"-d{plan.small_seconds}s",
                           "--latency", url], capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    rps = float(wrk_line(target, r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = wrk_line(target, r"99%\s+([\d.]+)(us|ms|s)", out)
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)

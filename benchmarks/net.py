@@ -29,7 +29,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterator
@@ -56,6 +55,7 @@ from benchmarks.topology import (
     PROXY_ORIGIN_SIDE,
     HarnessError,
     Topology,
+    killing,
     require_root_and_ip,
 )
 from tests.pattern import pattern_sha256
@@ -408,36 +408,6 @@ def measure(run: Run, topology: Topology, work: Workdir, fileproxy_flags: list[s
 
 # ---------------------------------------------------------------- resets on the origin link
 
-@dataclass
-class Resets:
-    """What the resetter did during one download."""
-
-    rounds: int = 0  # resets that hit at least one connection
-    connections: int = 0
-
-
-@contextlib.contextmanager
-def resetting(topology: Topology, port: int, every: float) -> Iterator[Resets]:
-    """Reset every TCP connection of the origin's port each `every` seconds (`ss -K` in the origin
-    namespace: the origin's socket is aborted and its peer gets a reset, as when a link drops)."""
-    resets, stop = Resets(), threading.Event()
-
-    def loop() -> None:
-        while not stop.wait(every):
-            killed = topology.ns_run(topology.origin, "ss", "-K", "-t", "-H", "sport", "=",
-                                     f":{port}", check=False).stdout
-            count = sum(1 for line in killed.splitlines() if line.strip())
-            resets.rounds += count > 0
-            resets.connections += count
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    try:
-        yield resets
-    finally:
-        stop.set()
-        thread.join()
-
 
 def measure_resets(run: Run, topology: Topology, work: Workdir, fileproxy_flags: list[str],
                    variants: dict[str, list[str]] | None = None
@@ -450,7 +420,8 @@ def measure_resets(run: Run, topology: Topology, work: Workdir, fileproxy_flags:
     for step, (target, workload) in enumerate(plan["download"], 1):
         progress(f"[{step}/{len(plan['download'])}] download {target.name}, origin connections "
                  f"reset every {run.reset_every:g} s")
-        with resetting(topology, port, run.reset_every) as resets:
+        with killing(topology, topology.origin, ("sport", "=", f":{port}"),
+                     run.reset_every) as resets:
             figures = workload(topology, target, run, work, started.origin)
         results[target.name] = figures | {"resets": resets.rounds,
                                           "connections_reset": resets.connections}

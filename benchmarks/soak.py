@@ -512,7 +512,8 @@ async def run_faults(cluster: Cluster, deadline: float, every: float, rng: rando
 
 async def soak(cluster: Cluster, seconds: float, fault_every: float, settle_seconds: float,
                seed: int) -> tuple[Ledger, list[str]]:
-    ledger, faults, rng = Ledger(), [], random.Random(seed)
+    ledger, rng = Ledger(), random.Random(seed)
+    faults: list[str] = []
     timeout = aiohttp.ClientTimeout(total=REQUEST_SECONDS, connect=5)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         workload = Workload(cluster, ledger, session, rng)
@@ -549,7 +550,7 @@ INVARIANTS = ("tasks lost", "tasks run twice", "tasks stuck", "uploads lost",
 
 def summarize(ledger: Ledger, faults: list[str], trends: list[dict[str, Any]], traces: int,
               seconds: float, haproxy: bool) -> tuple[dict[str, Any], str]:
-    invariants = {name: ledger.violations.get(name, 0) for name in INVARIANTS}
+    invariants: dict[str, float] = {name: ledger.violations.get(name, 0) for name in INVARIANTS}
     invariants["longest run of 423 answers"] = ledger.longest_423_run
     invariants["tracebacks in the logs"] = traces
     growth = max((row["rss_growth_mib"] for row in trends), default=0.0)

@@ -44,7 +44,7 @@ class Place:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"{process.args} exited with {process.returncode}")
+                raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
             probe = subprocess.run(self.command(["curl", "-s", "-o", "/dev/null", "-m", "1",
                                                  url]), check=False)
             if probe.returncode == 0:

@@ -16,12 +16,14 @@ Names carry a per-run prefix; everything created is removed on exit, Ctrl-C or a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,3 +268,35 @@ class Topology:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+@dataclass
+class Kills:
+    """What a connection killer did."""
+
+    rounds: int = 0  # rounds that closed at least one connection
+    connections: int = 0
+
+
+@contextlib.contextmanager
+def killing(topology: Topology, namespace: str, selector: Sequence[str],
+            every: float) -> Iterator[Kills]:
+    """Abort the TCP connections `selector` (an `ss` filter) picks in `namespace` every `every`
+    seconds (`ss -K`: the socket is aborted and its peer gets a reset, as when a link drops)."""
+    kills, stop = Kills(), threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every):
+            killed = topology.ns_run(namespace, "ss", "-K", "-t", "-H", *selector,
+                                     check=False).stdout
+            count = sum(1 for line in killed.splitlines() if line.strip())
+            kills.rounds += count > 0
+            kills.connections += count
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield kills
+    finally:
+        stop.set()
+        thread.join()

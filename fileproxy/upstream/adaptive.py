@@ -4,9 +4,10 @@ On a long lossy upstream link one TCP flow gets a fraction of the bandwidth what
 does; several ranged connections side by side fill it. How many is not known in advance, so a
 large response (strong ETag, Accept-Ranges, at least AUTO_MIN_LENGTH) on a long path (its
 connection's round trip at least --tcp-congestion-min-rtt) starts on its own connection alone,
-segment after segment; every probe interval the goodput of all connections together is measured,
-and the number of connections doubles while the last step raised it by GAIN or more, up to
---upstream-segments-max (a step that did not pay is taken back). A short path (loopback, a
+segment after segment; the goodput of all connections together is measured (an interval to
+settle, one to measure), and the number of connections doubles while the last step raised it by
+GAIN or more, up to --upstream-segments-max (a step that did not pay is taken back and tried again
+later, RETRIES times). A short path (loopback, a
 LAN), where one connection already fills the link, gets none. Segments are relayed in order; at
 most max(connections, 2) of them are in memory (the original connection keeps reading ahead by
 one until a ranged one takes the next segment, then it stops). A failed segment is fetched
@@ -40,6 +41,7 @@ AUTO = 0  # --upstream-segments auto
 AUTO_MIN_LENGTH = 16 << 20  # smaller bodies end before more connections could pay off
 GAIN = 1.15  # a connection stays when the total goodput rose by this much with it
 PROBE_SECONDS = 1.0  # at least; and at least 8 round trips (a new flow's slow start)
+RETRIES = 3  # steps up that did not pay before the count stays
 
 
 def adaptive_plan(config: Config, outgoing: Outgoing, response: UpstreamResponse) -> Plan | None:
@@ -164,24 +166,37 @@ class AdaptiveFetch(SegmentedFetch):
     # -- how many connections
 
     async def control(self) -> None:
-        """Every interval: the goodput of all connections together; twice as many while that
-        paid, else back to the last count that did."""
-        before, last_received, last_time = None, 0, time.monotonic()
-        paid = self.connections
-        while self.connections < self.plan.parallel:
-            await asyncio.sleep(self.interval)
-            received, now = sum(s.received for s in self.segments), time.monotonic()
-            rate = (received - last_received) / max(now - last_time, 1e-6)
-            last_received, last_time = received, now
+        """Twice as many connections while that paid, else back to the last count that did (and
+        another try a few intervals later, as a lossy link's rates are noisy): each count is
+        given an interval to settle, then measured over the next one."""
+        before: float | None = None
+        paid, failures = self.connections, 0
+        while failures < RETRIES:
+            rate = await self.goodput()
             if before is not None and rate < before * GAIN:
+                failures += 1
                 self.connections = paid
-                log.info("adaptive fetch: %d connections (%.1f Mbit/s; more did not pay)",
-                         paid, before * 8e-6)
+                log.info("adaptive fetch: back to %d connections (%.1f Mbit/s did not rise)",
+                         paid, rate * 8e-6)
+                await asyncio.sleep(self.interval * 4 * failures)
+                before = await self.goodput()
+            else:
+                before, paid = rate, self.connections
+            if self.connections >= self.plan.parallel:
                 return
-            before, paid = rate, self.connections
             self.connections = min(self.plan.parallel, self.connections * 2)
             self.most = max(self.most, self.connections)
             self.schedule()
+
+    async def goodput(self) -> float:
+        """Bytes a second of all connections together, over an interval after one to settle."""
+        await asyncio.sleep(self.interval)
+        received, started = self.received(), time.monotonic()
+        await asyncio.sleep(self.interval)
+        return (self.received() - received) / max(time.monotonic() - started, 1e-6)
+
+    def received(self) -> int:
+        return sum(segment.received for segment in self.segments)
 
 
 async def read_span(segment: Segment, response: UpstreamResponse, carried: bytes) -> bytes:
