@@ -5,13 +5,14 @@ does; several ranged connections side by side fill it. How many is not known in 
 large response (strong ETag, Accept-Ranges, at least AUTO_MIN_LENGTH) on a long path (its
 connection's round trip at least --tcp-congestion-min-rtt) starts on its own connection alone,
 segment after segment; the goodput of all connections together is measured (an interval to
-settle, one to measure), and the number of connections doubles while the last step raised it by
-GAIN or more, up to --upstream-segments-max (a step that did not pay is taken back and tried again
-later, RETRIES times). A short path (loopback, a
-LAN), where one connection already fills the link, gets none. Segments are relayed in order; at
-most max(connections, 2) of them are in memory (the original connection keeps reading ahead by
-one until a ranged one takes the next segment, then it stops). A failed segment is fetched
-again from where it stopped (segments.py).
+settle, one to measure), and the connections grow STEP-fold while the last step raised it by GAIN
+or more, up to --upstream-segments-max (a step that did not pay is taken back and tried again
+later, RETRIES times). A short path (loopback, a LAN), where one connection already fills the
+link, gets none. Segments are relayed in order, at most max(connections, 2) of them in memory
+(the original connection reads ahead by one until a ranged one takes the next segment, then it
+stops). The relay waits for the window's first segment, so a connection with nothing left to
+claim splits the first segment still missing bytes and fetches its second half: segments stay
+small near the head. A failed segment is fetched again from where it stopped (segments.py).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ AUTO_MIN_LENGTH = 16 << 20  # smaller bodies end before more connections could p
 GAIN = 1.15  # a connection stays when the total goodput rose by this much with it
 PROBE_SECONDS = 1.0  # at least; and at least 8 round trips (a new flow's slow start)
 RETRIES = 3  # steps up that did not pay before the count stays
+STEP = 4  # connections multiply by this while it pays: 1, 4, 16 (a short ramp)
+MIN_SPLIT = 64 << 10  # a straggler is split in two while each half is at least this
 
 
 def adaptive_plan(config: Config, outgoing: Outgoing, response: UpstreamResponse) -> Plan | None:
@@ -78,6 +81,7 @@ class AdaptiveFetch(SegmentedFetch):
         self.most = 1  # the most connections this transfer had
         self.ranged = 0  # ranged fillers running
         self.streaming = True  # the original connection still reads
+        self.splits = 0
         self.interval = max(PROBE_SECONDS, 8 * (rtt or 0.0))
         self._tasks: set[asyncio.Task[None]] = set()
         self._window_moved = asyncio.Event()
@@ -112,12 +116,36 @@ class AdaptiveFetch(SegmentedFetch):
         return self.claimed < len(self.segments) and self.claimed < self.window_end()
 
     def schedule(self) -> None:
-        """Ranged fillers for the window's unclaimed segments, up to the connections wanted;
-        the original connection is told the window moved."""
-        while self.ranged + self.streaming < self.connections and self.can_claim():
+        """Ranged fillers up to the connections wanted: for the window's unclaimed segments,
+        else for the second half of a straggler that holds the window up; the original
+        connection is told the window moved."""
+        while self.ranged + self.streaming < self.connections:
+            if self.can_claim():
+                segment = self.claim_next()
+            elif (half := self.split_a_straggler()) is not None:
+                segment = half
+            else:
+                break
             self.ranged += 1
-            self.spawn(self.fill_ranged(self.claim_next()))
+            self.spawn(self.fill_ranged(segment))
         self._window_moved.set()
+
+    def split_a_straggler(self) -> Segment | None:
+        """The second half of the window's first segment still missing enough bytes, as a new
+        segment right after it, claimed (its own filler stops at the split). In-order relay
+        waits for the head: splitting it keeps idle connections at work there, and leaves
+        segments small near the head."""
+        for index in range(self.relayed, self.claimed):
+            segment = self.segments[index]
+            if segment.missing >= 2 * MIN_SPLIT and not segment.done:
+                middle = segment.end - segment.missing // 2
+                half = Segment(middle, segment.end)
+                segment.end = middle
+                self.segments.insert(index + 1, half)
+                self.claimed += 1
+                self.splits += 1
+                return half
+        return None
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -166,8 +194,8 @@ class AdaptiveFetch(SegmentedFetch):
     # -- how many connections
 
     async def control(self) -> None:
-        """Twice as many connections while that paid, else back to the last count that did (and
-        another try a few intervals later, as a lossy link's rates are noisy): each count is
+        """STEP times as many connections while that paid, else back to the last count that did
+        (and another try a few intervals later, as a lossy link's rates are noisy): each count is
         given an interval to settle, then measured over the next one."""
         before: float | None = None
         paid, failures = self.connections, 0
@@ -184,7 +212,7 @@ class AdaptiveFetch(SegmentedFetch):
                 before, paid = rate, self.connections
             if self.connections >= self.plan.parallel:
                 return
-            self.connections = min(self.plan.parallel, self.connections * 2)
+            self.connections = min(self.plan.parallel, self.connections * STEP)
             self.most = max(self.most, self.connections)
             self.schedule()
 

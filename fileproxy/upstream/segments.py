@@ -93,6 +93,10 @@ class Segment:
     def missing(self) -> int:
         return self.end - self.start - self.received
 
+    @property
+    def done(self) -> bool:
+        return self._done
+
     def put(self, chunk: bytes) -> None:
         self._chunks.append(chunk)
         self.received += len(chunk)
