@@ -140,8 +140,10 @@ class SegmentedFetch:
             await asyncio.gather(*fillers, return_exceptions=True)
 
     async def fill(self, segment: Segment, response: UpstreamResponse | None = None) -> None:
-        """Fetch the segment, again from where it stopped when a connection fails."""
-        failures = 0
+        """Fetch the segment, again from where it stopped when a connection fails; it fails for
+        good after RETRIES_PER_SEGMENT failures in a row that brought no byte (a link reset
+        every few seconds still lets every segment through)."""
+        failures, received = 0, segment.received
         while segment.missing:
             try:
                 if response is None:
@@ -152,7 +154,8 @@ class SegmentedFetch:
                 segment.finish(error)
                 return
             except FETCH_ERRORS as error:
-                failures += 1
+                failures = 1 if segment.received > received else failures + 1
+                received = segment.received
                 if failures > RETRIES_PER_SEGMENT:
                     segment.finish(SegmentFailed(f"bytes {segment.start}-{segment.end - 1}: "
                                                  f"{error!r}"))
