@@ -50,6 +50,18 @@ async def test_segments_cut_by_the_upstream_are_fetched_again_from_where_they_st
     assert any(start % MIB for start in starts), ranges  # a segment resumed where it stopped
 
 
+async def test_a_segment_cut_again_and_again_goes_on_while_each_try_brings_bytes(
+        origin, make_proxy, client):
+    """With one segment at a time every response breaks off a third of the way, eight times in
+    a row: each try brings bytes, so the segment is never given up (a link reset every few
+    seconds must not end a download)."""
+    proxy = await make_proxy(origin.url, upstream_segments=2, segment_size=MIB)
+    size = 2 * MIB
+    async with client.get(f"{proxy.url}/flaky/{size}?cuts=8&key=again") as response:
+        assert await sha256_of(response) == (pattern_sha256(size), size)
+    assert len(await range_requests(client, origin.url, size)) >= 8
+
+
 def changing_object(request: RawRequest) -> bytes:
     """A 3 MiB object whose ETag changes after the first request (If-Range then gets a 200)."""
     body = b"".join(pattern(0, 3 * MIB))
