@@ -82,6 +82,7 @@ class AdaptiveFetch(SegmentedFetch):
         self.ranged = 0  # ranged fillers running
         self.streaming = True  # the original connection still reads
         self.splits = 0
+        self.closed = False  # the transfer ended: nothing more is started
         self.interval = max(PROBE_SECONDS, 8 * (rtt or 0.0))
         self._tasks: set[asyncio.Task[None]] = set()
         self._window_moved = asyncio.Event()
@@ -97,9 +98,11 @@ class AdaptiveFetch(SegmentedFetch):
                 while (chunk := await segment.next()) is not None:
                     yield chunk
         finally:
-            for task in self._tasks:
+            self.closed = True  # (a filler ending now must not start another)
+            tasks = list(self._tasks)
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             self.report(self.most)
 
     # -- who fetches what
@@ -119,7 +122,7 @@ class AdaptiveFetch(SegmentedFetch):
         """Ranged fillers up to the connections wanted: for the window's unclaimed segments,
         else for the second half of a straggler that holds the window up; the original
         connection is told the window moved."""
-        while self.ranged + self.streaming < self.connections:
+        while not self.closed and self.ranged + self.streaming < self.connections:
             if self.can_claim():
                 segment = self.claim_next()
             elif (half := self.split_a_straggler()) is not None:
@@ -150,7 +153,14 @@ class AdaptiveFetch(SegmentedFetch):
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self.finished)
+
+    def finished(self, task: asyncio.Task[None]) -> None:
+        """A filler or the controller ended: one that failed says so (a segment's own failure
+        ends that segment, which the relay reports; this is anything else)."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("adaptive fetch: %s failed: %r", task.get_coro(), task.exception())
 
     async def fill_ranged(self, segment: Segment) -> None:
         try:
