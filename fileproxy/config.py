@@ -263,6 +263,11 @@ class Config:
     upstream_segments_max: int = setting(
         16, positive(parse_count), "the most connections --upstream-segments auto opens for "
         "one response", metavar="N")
+    segment_spool: int = setting(
+        256 << 20, parse_size,
+        "per transfer, how many bytes of finished segments --upstream-segments auto may keep in "
+        "--spool-dir while the relay catches up, so connections can run further ahead than "
+        "memory allows (0: none)", metavar="SIZE")
     segment_size: int = setting(1024 * 1024, positive(parse_size),
                                 "bytes per range with --upstream-segments; memory per transfer "
                                 "stays under N of them", metavar="SIZE")

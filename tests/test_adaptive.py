@@ -4,6 +4,7 @@ connections while each raises the goodput (up to --upstream-segments-max), relay
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 
 from tests.pattern import pattern_sha256
@@ -74,3 +75,22 @@ async def test_fixed_count_and_off_still_mean_what_they_say(origin, make_proxy, 
     async with client.get(f"{proxy.url}/bytes/{size}?rate={8 * MIB}") as response:
         assert await sha256_of(response) == (pattern_sha256(size), size)
     assert await ranges_sent(origin, 1) == [None]
+
+
+async def test_segments_far_ahead_of_a_slow_client_wait_in_the_spool(origin, make_proxy, client,
+                                                                    tmp_path):
+    """A client slower than the upstream: finished segments beyond the in-memory window go to
+    the spool and come back in order; the body is byte-exact and no spool file is left."""
+    proxy = await make_proxy(origin.url, tcp_congestion_min_rtt=0, upstream_segments_max=4,
+                             spool_dir=str(tmp_path))
+    size = 20 * MIB + 3
+    digest, received = hashlib.sha256(), 0
+    async with client.get(f"{proxy.url}/bytes/{size}?seed=6&rate={4 * MIB}") as response:
+        async for chunk in response.content.iter_chunked(MIB):
+            digest.update(chunk)
+            received += len(chunk)
+            await asyncio.sleep(0.15)  # (the client's pace: about 6 MiB/s)
+    assert (digest.hexdigest(), received) == (pattern_sha256(size, seed=6), size)
+    spool = tmp_path / "segments"
+    assert spool.is_dir(), "nothing was spilled"
+    assert list(spool.iterdir()) == []

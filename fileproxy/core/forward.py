@@ -9,6 +9,7 @@ import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 import aiohttp
@@ -38,7 +39,7 @@ from fileproxy.http.headers import (
     peer_address,
 )
 from fileproxy.policy.balancing import Upstream
-from fileproxy.upstream.adaptive import AdaptiveFetch, adaptive_plan, path_rtt
+from fileproxy.upstream.adaptive import AdaptiveFetch, SegmentSpool, adaptive_plan, path_rtt
 from fileproxy.upstream.aiohttp_client import ForwardedBody, UpstreamResponse, send
 from fileproxy.upstream.lean import Interim
 from fileproxy.upstream.resume import Resumer, resumable_span
@@ -220,8 +221,10 @@ def segmented(app: web.Application, upstream: Upstream, outgoing: Outgoing,
     plan = adaptive_plan(config, outgoing, response)
     if plan is None:
         return None
+    spool = SegmentSpool(Path(config.spool_dir) / "segments", config.segment_spool,
+                         config.segment_size) if config.segment_spool else None
     return AdaptiveFetch(plan, outgoing, fetch, path_rtt(response),
-                         report=metrics.segment_connections.observe)
+                         report=metrics.segment_connections.observe, spool=spool)
 
 
 def resuming(app: web.Application, upstream: Upstream, outgoing: Outgoing,

@@ -18,9 +18,12 @@ small near the head. A failed segment is fetched again from where it stopped (se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from fileproxy.config import Config
@@ -32,6 +35,7 @@ from fileproxy.upstream.segments import (
     Plan,
     Segment,
     SegmentedFetch,
+    SegmentFailed,
     splittable,
 )
 from fileproxy.upstream.sockets import handshake_rtt
@@ -44,6 +48,7 @@ GAIN = 1.15  # a connection stays when the total goodput rose by this much with 
 PROBE_SECONDS = 1.0  # at least; and at least 8 round trips (a new flow's slow start)
 RETRIES = 3  # steps up that did not pay before the count stays
 STEP = 4  # connections multiply by this while it pays: 1, 4, 16 (a short ramp)
+READ_BACK = 256 << 10  # bytes read back from the spool at a time
 MIN_SPLIT = 64 << 10  # a straggler is split in two while each half is at least this
 
 
@@ -71,8 +76,10 @@ class AdaptiveFetch(SegmentedFetch):
     """The body of `first` (a 200 for the whole object), on as many connections as pay off."""
 
     def __init__(self, plan: Plan, outgoing: Outgoing, fetch: Fetch, rtt: float | None = None,
-                 report: Callable[[int], None] = lambda most: None) -> None:
+                 report: Callable[[int], None] = lambda most: None,
+                 spool: SegmentSpool | None = None) -> None:
         super().__init__(plan, outgoing, fetch)
+        self.spool = spool
         self.report = report  # the most connections the transfer had, once it ends
         self.segments = [Segment(start, end) for start, end in plan.spans()]
         self.claimed = 0  # segments [0, claimed) have a filler
@@ -104,11 +111,19 @@ class AdaptiveFetch(SegmentedFetch):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self.report(self.most)
+            if self.spool is not None:
+                await self.spool.close()
 
     # -- who fetches what
 
     def window_end(self) -> int:
-        return self.relayed + max(self.connections, 2)
+        """Segments may be fetched this far ahead of the relay: those in memory, and as many
+        again as the spool may keep (three times the connections at most)."""
+        spooled = min(3 * self.connections, self.spool.slots) if self.spool is not None else 0
+        return self.relayed + self.in_memory() + spooled
+
+    def in_memory(self) -> int:
+        return max(self.connections, 2)
 
     def claim_next(self) -> Segment:
         segment = self.segments[self.claimed]
@@ -165,9 +180,16 @@ class AdaptiveFetch(SegmentedFetch):
     async def fill_ranged(self, segment: Segment) -> None:
         try:
             await self.fill(segment)
+            self.keep(segment)
         finally:
             self.ranged -= 1
             self.schedule()
+
+    def keep(self, segment: Segment) -> None:
+        """A finished segment far ahead of the relay goes to the spool, not memory."""
+        if self.spool is not None and segment.done and \
+                self.segments.index(segment) >= self.relayed + self.in_memory():
+            self.spool.take(segment)
 
     async def stream(self, response: UpstreamResponse, segment: Segment) -> None:
         """The original response's body, segment after segment, while the next one is still
@@ -184,6 +206,7 @@ class AdaptiveFetch(SegmentedFetch):
                                  "on", segment.start, error)
                         break
                     segment.finish()
+                    self.keep(segment)
                     following = await self.next_in_line(segment)
                     if following is None:
                         return
@@ -250,3 +273,65 @@ async def read_span(segment: Segment, response: UpstreamResponse, carried: bytes
         segment.put(taken)
         chunk = chunk[len(taken):]
     return chunk
+
+
+class SegmentSpool:
+    """Finished segments kept on disk while the relay catches up (a file each, removed once
+    read back or when the transfer ends), at most `limit` bytes at a time; file I/O runs in a
+    thread, never on the event loop."""
+
+    def __init__(self, directory: Path, limit: int, segment_size: int) -> None:
+        self.directory, self.limit = directory, limit
+        self.slots = limit // segment_size
+        self.in_use = 0
+        self._paths: set[Path] = set()
+
+    def take(self, segment: Segment) -> None:
+        if self.in_use + segment.received > self.limit:
+            return  # (full: it stays in memory, the window is bounded anyway)
+        path = self.directory / f"{secrets.token_hex(8)}.segment"
+        self._paths.add(path)
+        self.in_use += segment.received
+        written: asyncio.Future[None] | None = None
+        position = 0
+
+        async def read_back() -> bytes:
+            nonlocal position
+            assert written is not None
+            try:
+                await written
+                piece = await asyncio.to_thread(read_piece, path, position, READ_BACK)
+            except OSError as error:
+                raise SegmentFailed(f"the segment spool failed: {error}") from None
+            position += len(piece)
+            if not piece:
+                await self.forget(path, position)
+            return piece
+
+        data = segment.hand_over(read_back)
+        written = asyncio.ensure_future(asyncio.to_thread(write_file, path, data))
+
+    async def forget(self, path: Path, size: int) -> None:
+        if path in self._paths:
+            self._paths.discard(path)
+            self.in_use -= size
+            await asyncio.to_thread(path.unlink, True)
+
+    async def close(self) -> None:
+        """Every file still kept goes (on every way a transfer ends)."""
+        paths, self._paths = list(self._paths), set()
+        for path in paths:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(path.unlink, True)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def read_piece(path: Path, position: int, size: int) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(position)
+        return handle.read(size)

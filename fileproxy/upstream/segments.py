@@ -88,6 +88,7 @@ class Segment:
         self._done = False
         self._error: BaseException | None = None
         self._changed = asyncio.Event()
+        self._stored: Callable[[], Awaitable[bytes]] | None = None  # spilled bytes, read back
 
     @property
     def missing(self) -> int:
@@ -106,9 +107,22 @@ class Segment:
         self._done, self._error = True, error
         self._changed.set()
 
+    def hand_over(self, read_back: Callable[[], Awaitable[bytes]]) -> bytes:
+        """The bytes held in memory, for keeping elsewhere: from now on `read_back` gives them
+        back in pieces (b"" at their end)."""
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._stored = read_back
+        return data
+
     async def next(self) -> bytes | None:
         """The next chunk, None once the segment is complete; raises what ended it early."""
         while not self._chunks:
+            if self._stored is not None:
+                if piece := await self._stored():
+                    return piece
+                self._stored = None
+                continue
             if self._error is not None:
                 raise self._error
             if self._done:
