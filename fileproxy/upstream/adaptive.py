@@ -285,6 +285,7 @@ class SegmentSpool:
         self.slots = limit // segment_size
         self.in_use = 0
         self._paths: set[Path] = set()
+        self._writes: set[asyncio.Future[None]] = set()
 
     def take(self, segment: Segment) -> None:
         if self.in_use + segment.received > self.limit:
@@ -310,6 +311,8 @@ class SegmentSpool:
 
         data = segment.hand_over(read_back)
         written = asyncio.ensure_future(asyncio.to_thread(write_file, path, data))
+        self._writes.add(written)
+        written.add_done_callback(self._writes.discard)
 
     async def forget(self, path: Path, size: int) -> None:
         if path in self._paths:
@@ -318,7 +321,9 @@ class SegmentSpool:
             await asyncio.to_thread(path.unlink, True)
 
     async def close(self) -> None:
-        """Every file still kept goes (on every way a transfer ends)."""
+        """Every file still kept goes (on every way a transfer ends), once no write to one is
+        still on its way."""
+        await asyncio.gather(*self._writes, return_exceptions=True)
         paths, self._paths = list(self._paths), set()
         for path in paths:
             with contextlib.suppress(OSError):
