@@ -26,32 +26,32 @@ SERVICE = "mymaster"
 FAILOVER_BOUND = 30.0  # seconds a failover may take before the test gives up
 
 
+def answer_of(check: Callable[[], Any]) -> Any:
+    """`check`'s answer, or None while it is falsy or Redis errs (not yet)."""
+    try:
+        return check() or None
+    except redis.RedisError:
+        return None
+
+
 def until(check: Callable[[], Any], seconds: float, what: str) -> Any:
-    """Poll `check` (a falsy answer or a Redis error: not yet) until it answers, or fail."""
+    """Poll `check` until it answers, or fail."""
     deadline = time.monotonic() + seconds
-    while True:
-        try:
-            if answer := check():
-                return answer
-        except redis.RedisError:
-            pass
+    while (answer := answer_of(check)) is None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {seconds} s")
         time.sleep(0.05)
+    return answer
 
 
 async def until_async(check: Callable[[], Any], seconds: float, what: str) -> Any:
     """As until(), without holding up the event loop (an in-process proxy runs on it)."""
     deadline = time.monotonic() + seconds
-    while True:
-        try:
-            if answer := check():
-                return answer
-        except redis.RedisError:
-            pass
+    while (answer := answer_of(check)) is None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {seconds} s")
         await asyncio.sleep(0.05)
+    return answer
 
 
 @dataclass
