@@ -16,8 +16,8 @@ from fileproxy.config import Config
 from fileproxy.http.errors import ProxyError
 from fileproxy.upstream.aiohttp_client import UpstreamResponse
 from fileproxy.upstream.lean import LeanResponse
-from fileproxy.upstream.resume import ResumeFailed, Resumer, ResumeRefused
-from fileproxy.upstream.segments import FETCH_ERRORS, SegmentedFetch, SegmentFailed
+from fileproxy.upstream.resume import Resumer, ResumeRefused
+from fileproxy.upstream.segments import SegmentedFetch, SegmentFailed
 from fileproxy.upstream.socketrelay import (
     SinkGone,
     SourceCut,
@@ -180,20 +180,13 @@ async def continuation(request: RelayingRequest, response: Streamed, resumer: Re
     if resumer is None:
         abort_client(request, response, cut)
         return None
-    while True:
-        try:
-            rest = await resumer.rest(response.body_bytes)
-        except ResumeRefused as error:
-            resumer.count("refused")
-            abort_client(request, response, f"{cut}; not resumed: {error}")
-            return None
-        except (ResumeFailed, *FETCH_ERRORS) as error:
-            log.info("%s %s: %s; resuming failed (%s), again", request.method, request.path,
-                     cut, error)
-            continue
-        resumer.count("resumed")
-        log.info("%s %s: %s; resumed", request.method, request.path, cut)
-        return rest
+    try:
+        rest = await resumer.resume(response.body_bytes)
+    except ResumeRefused as error:
+        abort_client(request, response, f"{cut}; not resumed: {error}")
+        return None
+    log.info("%s %s: %s; resumed", request.method, request.path, cut)
+    return rest
 
 
 async def relay_one(request: RelayingRequest, upstream: UpstreamResponse, response: Streamed,

@@ -33,7 +33,7 @@ from fileproxy.policy.balancing import Upstream
 from fileproxy.policy.retry import IDEMPOTENT
 from fileproxy.state import StateStore, StateUnavailable
 from fileproxy.upstream.aiohttp_client import ForwardedBody
-from fileproxy.upstream.resume import ResumeFailed, Resumer, ResumeRefused, resumable_span
+from fileproxy.upstream.resume import Resumer, ResumeRefused, resumable_span
 
 log = logging.getLogger("fileproxy.features.tasks")
 QUEUE, INDEX = "tasks", "tasks:index"
@@ -522,17 +522,9 @@ class TaskManager:
 
 async def rest_of(resumer: Resumer, received: int) -> aiohttp.ClientResponse:
     """The rest of a task result's body (ResumeRefused when it cannot be had)."""
-    while True:
-        try:
-            rest = await resumer.rest(received)
-        except ResumeRefused:
-            resumer.count("refused")
-            raise
-        except (ResumeFailed, ProxyError, TimeoutError, aiohttp.ClientError):
-            continue
-        resumer.count("resumed")
-        assert isinstance(rest, aiohttp.ClientResponse)  # (a task's sends are aiohttp's)
-        return rest
+    rest = await resumer.resume(received)
+    assert isinstance(rest, aiohttp.ClientResponse)  # (a task's sends are aiohttp's)
+    return rest
 
 
 def accepted(task: Task) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from aiohttp import hdrs
 
 from fileproxy.http.headers import Outgoing, response_length
 from fileproxy.upstream.aiohttp_client import UpstreamResponse
+from fileproxy.upstream.segments import FETCH_ERRORS
+
+log = logging.getLogger("fileproxy.upstream.resume")
 
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0  # seconds before attempt 2, doubling up to this
@@ -95,6 +99,21 @@ class Resumer:
         self.resumes = 0
         self._fruitless = 0  # attempts in a row that brought no new byte
         self._last_delivered = -1
+
+    async def resume(self, delivered: int) -> UpstreamResponse:
+        """The rest of the body from its `delivered`-th byte, attempts that got no usable
+        answer tried again (counted as fruitless); ResumeRefused when it cannot be had."""
+        while True:
+            try:
+                rest = await self.rest(delivered)
+            except ResumeRefused:
+                self.count("refused")
+                raise
+            except (ResumeFailed, *FETCH_ERRORS) as error:
+                log.info("resuming at byte %d failed (%s); again", delivered, error)
+                continue
+            self.count("resumed")
+            return rest
 
     async def rest(self, delivered: int) -> UpstreamResponse:
         """A checked 206 for the body from its `delivered`-th byte on; ResumeRefused when the
