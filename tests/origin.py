@@ -76,8 +76,13 @@ async def bytes_handler(request: web.Request) -> web.StreamResponse:
         response.content_length = end - start
     await response.prepare(request)
     if request.method != "HEAD":
-        await send_at_rate(response, pattern(start, end - start, seed),
-                           float(request.query.get("rate", "0")))
+        record(request, "bytes-begun", range=wanted)
+        try:
+            await send_at_rate(response, pattern(start, end - start, seed),
+                               float(request.query.get("rate", "0")))
+        except (Exception, asyncio.CancelledError):
+            record(request, "bytes-abandoned", range=wanted)  # (the peer went away)
+            raise
     await response.write_eof()
     record(request, "bytes-sent", size=end - start, range=request.headers.get("Range"))
     return response

@@ -94,3 +94,39 @@ async def test_segments_far_ahead_of_a_slow_client_wait_in_the_spool(origin, mak
     spool = tmp_path / "segments"
     assert spool.is_dir(), "nothing was spilled"
     assert list(spool.iterdir()) == []
+
+
+async def test_a_stalled_head_segment_is_raced_on_another_connection(origin, make_proxy, client):
+    """The first connection stalls inside the segment the relay waits for (as in a
+    retransmission timeout, here for 30 s, past the read timeout): its missing bytes are asked
+    for on another connection, which brings them first and wins; the body goes on at once."""
+    proxy = await make_proxy(origin.url, tcp_congestion_min_rtt=0, read_timeout=30)
+    size, stall_at = 20 * MIB, int(20 * MIB * 0.02)
+    started = asyncio.get_running_loop().time()
+    async with client.get(f"{proxy.url}/flaky/{size}?cuts=1&how=stall&at=0.02&key=race"
+                          ) as response:
+        assert await sha256_of(response) == (pattern_sha256(size), size)
+    assert asyncio.get_running_loop().time() - started < 10  # (not the read timeout's 30 s)
+    ranges = [event["range"] for event in origin.events("flaky")]
+    assert ranges[:2] == [None, f"bytes={stall_at}-{MIB - 1}"]  # the head's missing bytes
+
+
+async def test_a_client_leaving_stops_every_upstream_fetch(origin, make_proxy, client):
+    """A client that goes away mid-transfer, once the fetch runs on several connections: every
+    upstream response the fetch started is abandoned, none is left sending."""
+    proxy = await make_proxy(origin.url, tcp_congestion_min_rtt=0, upstream_segments_max=4)
+    size = 64 * MIB
+    async with client.get(f"{proxy.url}/bytes/{size}?seed=7&rate={MIB}") as response:
+        while len(origin.events("bytes-begun")) < 4:  # (the fetch grew past one connection)
+            assert await response.content.readany(), "the body ended early"
+        response.close()
+    for _ in range(500):
+        begun, abandoned = origin.events("bytes-begun"), origin.events("bytes-abandoned")
+        finished = abandoned + origin.events("bytes-sent")
+        if len(finished) == len(begun):
+            break
+        await asyncio.sleep(0.01)
+    assert len(finished) == len(begun), f"{len(begun) - len(finished)} responses still sending"
+    assert abandoned, "no upstream response was cut short"
+    await asyncio.sleep(0.5)  # (a fetch still running would start another range by now)
+    assert len(origin.events("bytes-begun")) == len(begun)

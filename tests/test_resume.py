@@ -5,11 +5,14 @@ modes; where it cannot be continued safely, the client is cut as before."""
 from __future__ import annotations
 
 import itertools
+import re
 
 import aiohttp
 import pytest
+from aiohttp import web
 
-from tests.conftest import MATRIX, MATRIX_IDS
+from tests.conftest import MATRIX, MATRIX_IDS, serve
+from tests.origin import build_origin
 from tests.pattern import pattern, pattern_sha256
 from tests.test_streaming import sha256_of
 
@@ -126,3 +129,39 @@ async def test_resumes_are_counted(origin, make_proxy, client):
     async with client.get(f"{proxy.url}/_fileproxy/metrics") as response:
         text = await response.text()
     assert 'fileproxy_upstream_resumes_total{outcome="resumed"} 1.0' in text
+
+
+
+async def in_flight(client, proxy) -> dict[str, float]:
+    async with client.get(f"{proxy.url}/_fileproxy/metrics") as response:
+        text = await response.text()
+    return {upstream: float(value) for upstream, value in re.findall(
+        r'^fileproxy_upstream_in_flight\{upstream="([^"]+)"\} (\S+)$', text, re.MULTILINE)}
+
+
+@pytest.mark.parametrize("combo", COMBOS[:2], ids=COMBO_IDS[:2])
+async def test_a_resumed_body_counts_in_flight_on_the_upstream_that_sends_it(
+        origin, make_proxy, client, combo):
+    """Two upstreams, the first chosen cutting its answer: the rest comes from the other. While
+    the client reads it, balancing sees the upstream that sends it as busy (not the one that
+    failed), and neither once the response ended."""
+    other = await serve(web.AppRunner(build_origin(), access_log=None))
+    try:
+        (fast_path, lean_client), relay = combo
+        proxy = await make_proxy(origin.url, other.url, fast_path=fast_path,
+                                 lean_client=lean_client, socket_relay=relay)
+        size, target = 64 * MIB, flaky(64 * MIB, cuts=1, at=0.1)
+        async with client.get(other.url + target) as response:  # (its one cut, spent)
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+        async with client.get(proxy.url + target) as response:
+            read = 0
+            while read < size // 2:  # (well past the cut)
+                read += len(await response.content.readany())
+            failed, sending = (served.url.split("//")[1] for served in (origin, other))
+            assert [len(origin.events("flaky")), len(other.events("flaky"))] == [1, 2]
+            assert await in_flight(client, proxy) == {sending: 1.0, failed: 0.0}
+            await response.read()
+        assert await in_flight(client, proxy) == {sending: 0.0, failed: 0.0}
+    finally:
+        await other.runner.cleanup()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
+from fileproxy.upstream.segments import Segment
 from tests.pattern import pattern, pattern_sha256
 from tests.rawserver import RawRequest, RawServer
 from tests.test_streaming import sha256_of
@@ -92,3 +93,22 @@ async def test_responses_that_cannot_be_split_safely_are_relayed_whole(make_prox
         async with client.get(f"{proxy.url}/object") as response:
             assert await sha256_of(response) == (pattern_sha256(3 * MIB), 3 * MIB)
         assert len(origin.requests) == 1
+
+
+async def test_two_fillers_of_one_segment_each_give_only_what_it_lacks():
+    """A raced segment: both connections offer the same bytes from where they stand; each byte
+    is taken once, from the first to bring it, in order, and the rest counted as fetched twice."""
+    segment = Segment(100, 110)
+    assert segment.offer(100, b"abcd") == 4
+    assert segment.offer(100, b"abcdef") == 2  # (the slower one: its first 4 were had)
+    assert segment.offer(104, b"ef") == 0
+    with pytest.raises(ValueError):
+        segment.offer(107, b"h")  # (a byte beyond the next one needed: never taken)
+    assert segment.offer(106, b"ghijXYZ") == 4  # (nothing past the segment's end)
+    assert segment.done and segment.duplicate == 4 + 2 + 3
+    assert b"".join([chunk async for chunk in chunks_of(segment)]) == b"abcdefghij"
+
+
+async def chunks_of(segment: Segment):
+    while (chunk := await segment.next()) is not None:
+        yield chunk

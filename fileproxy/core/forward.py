@@ -123,13 +123,14 @@ async def forward_with(app: web.Application, outgoing: Outgoing, body: Forwarded
         exchange.bytes_in = body.body_bytes if body is not None else 0
     exchange.ttfb = time.monotonic() - exchange.started
     segments = segmented(app, upstream, outgoing, upstream_response)
-    resume = None if segments else functools.partial(resuming, app, upstream, outgoing,
+    relaying = Relaying(upstream)
+    resume = None if segments else functools.partial(resuming, app, relaying, outgoing,
                                                      upstream_response, exchange)
     try:
         async with upstream_response:
             response = await respond(upstream_response, deadline, BodyFetch(segments, resume))
     finally:
-        upstream.end()
+        relaying.upstream.end()
     exchange.relayed(response)
     if response.fault == "upstream":
         upstream.record(failed=True)
@@ -223,11 +224,27 @@ def segmented(app: web.Application, upstream: Upstream, outgoing: Outgoing,
         return None
     spool = SegmentSpool(Path(config.spool_dir) / "segments", config.segment_spool,
                          config.segment_size) if config.segment_spool else None
-    return AdaptiveFetch(plan, outgoing, fetch, path_rtt(response),
-                         report=metrics.segment_connections.observe, spool=spool)
+
+    def report(most: int, twice: int) -> None:
+        metrics.segment_connections.observe(most)
+        metrics.fetched_twice.inc(twice)
+
+    return AdaptiveFetch(plan, outgoing, fetch, path_rtt(response), report=report, spool=spool)
 
 
-def resuming(app: web.Application, upstream: Upstream, outgoing: Outgoing,
+@dataclass
+class Relaying:
+    """The upstream whose body the relay reads, counted in flight until the relay ends (a
+    resume moves that to the upstream that answered for the rest)."""
+
+    upstream: Upstream
+
+    def move_to(self, upstream: Upstream) -> None:
+        self.upstream.end()
+        self.upstream = upstream
+
+
+def resuming(app: web.Application, relaying: Relaying, outgoing: Outgoing,
              response: UpstreamResponse, exchange: Exchange) -> Resumer | None:
     """Mid-body resume for a response that can be continued (--upstream-resume-attempts): the
     rest is asked for through the request path's own choice and retries, another upstream than
@@ -236,12 +253,11 @@ def resuming(app: web.Application, upstream: Upstream, outgoing: Outgoing,
     span = resumable_span(outgoing, response)
     if span is None or not config.upstream_resume_attempts:
         return None
-    last = [upstream]
 
     async def fetch(ranged: Outgoing) -> UpstreamResponse:
-        chosen, rest = await send_with_retries(app, ranged, None, exchange, avoid=last[0])
-        chosen.end()  # (counted in flight while it answered; its body is the relay's now)
-        last[0] = chosen
+        chosen, rest = await send_with_retries(app, ranged, None, exchange,
+                                               avoid=relaying.upstream)
+        relaying.move_to(chosen)
         return rest
 
     return Resumer(span, outgoing, fetch, config.upstream_resume_attempts,

@@ -152,6 +152,10 @@ class Metrics:
             "fileproxy_upstream_connections_per_transfer",
             "Upstream connections one adaptive ranged fetch grew to (--upstream-segments auto)",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), registry=r)
+        self.fetched_twice = Counter(
+            "fileproxy_upstream_bytes_fetched_twice",
+            "Upstream body bytes an adaptive ranged fetch received that it already had (the "
+            "loser of a raced segment, bytes read past a split)", registry=r)
         self.resumes = Counter("fileproxy_upstream_resumes",
                                "Response bodies continued after an upstream cut (Range + "
                                "If-Range), or not (refused)", ("outcome",), registry=r)

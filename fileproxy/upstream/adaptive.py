@@ -12,7 +12,10 @@ link, gets none. Segments are relayed in order, at most max(connections, 2) of t
 (the original connection reads ahead by one until a ranged one takes the next segment, then it
 stops). The relay waits for the window's first segment, so a connection with nothing left to
 claim splits the first segment still missing bytes and fetches its second half: segments stay
-small near the head. A failed segment is fetched again from where it stopped (segments.py).
+small near the head. A head segment that brings no byte for PATIENCE_RTTS round trips (a loss
+burst, a retransmission timeout) is raced: its missing bytes are asked for on another
+connection, and the first of the two to bring the next byte wins; the other is cancelled. A
+failed segment is fetched again from where it stopped (segments.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,8 @@ RETRIES = 3  # steps up that did not pay before the count stays
 STEP = 4  # connections multiply by this while it pays: 1, 4, 16 (a short ramp)
 READ_BACK = 256 << 10  # bytes read back from the spool at a time
 MIN_SPLIT = 64 << 10  # a straggler is split in two while each half is at least this
+PATIENCE_RTTS = 3  # a head segment silent this many round trips is raced on another connection
+MIN_PATIENCE = 0.3  # seconds, at least (and when the round trip is unknown: 1 s)
 
 
 def adaptive_plan(config: Config, outgoing: Outgoing, response: UpstreamResponse) -> Plan | None:
@@ -76,11 +81,12 @@ class AdaptiveFetch(SegmentedFetch):
     """The body of `first` (a 200 for the whole object), on as many connections as pay off."""
 
     def __init__(self, plan: Plan, outgoing: Outgoing, fetch: Fetch, rtt: float | None = None,
-                 report: Callable[[int], None] = lambda most: None,
+                 report: Callable[[int, int], None] = lambda most, twice: None,
                  spool: SegmentSpool | None = None) -> None:
         super().__init__(plan, outgoing, fetch)
         self.spool = spool
-        self.report = report  # the most connections the transfer had, once it ends
+        # Once it ends: the most connections the transfer had, the bytes received twice.
+        self.report = report
         self.segments = [Segment(start, end) for start, end in plan.spans()]
         self.claimed = 0  # segments [0, claimed) have a filler
         self.relayed = 0  # the segment being relayed
@@ -91,6 +97,10 @@ class AdaptiveFetch(SegmentedFetch):
         self.splits = 0
         self.closed = False  # the transfer ended: nothing more is started
         self.interval = max(PROBE_SECONDS, 8 * (rtt or 0.0))
+        self.patience = max(MIN_PATIENCE, PATIENCE_RTTS * rtt) if rtt is not None else 1.0
+        self.dropped = 0  # bytes read past a segment's end that its neighbour fetches itself
+        self.filler: dict[Segment, asyncio.Task[Any]] = {}  # who fills a claimed segment
+        self.racing: set[Segment] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._window_moved = asyncio.Event()
 
@@ -98,6 +108,7 @@ class AdaptiveFetch(SegmentedFetch):
         """The body in order; raises SegmentFailed when it cannot be completed."""
         self.spawn(self.stream(first, self.claim_next()))
         self.spawn(self.control())
+        self.spawn(self.watch_head())
         try:
             for index, segment in enumerate(self.segments):
                 self.relayed = index
@@ -110,7 +121,7 @@ class AdaptiveFetch(SegmentedFetch):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self.report(self.most)
+            self.report(self.most, self.dropped + sum(s.duplicate for s in self.segments))
             if self.spool is not None:
                 await self.spool.close()
 
@@ -179,11 +190,24 @@ class AdaptiveFetch(SegmentedFetch):
 
     async def fill_ranged(self, segment: Segment) -> None:
         try:
-            await self.fill(segment)
+            with self.filling(segment):
+                await self.fill(segment)
             self.keep(segment)
         finally:
             self.ranged -= 1
             self.schedule()
+
+    @contextlib.contextmanager
+    def filling(self, segment: Segment) -> Iterator[None]:
+        """The running task is the one filling `segment` (a race may cancel it)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self.filler[segment] = task
+        try:
+            yield
+        finally:
+            if self.filler.get(segment) is task:
+                del self.filler[segment]
 
     def keep(self, segment: Segment) -> None:
         """A finished segment far ahead of the relay goes to the spool, not memory."""
@@ -195,23 +219,26 @@ class AdaptiveFetch(SegmentedFetch):
         """The original response's body, segment after segment, while the next one is still
         unclaimed (it waits while the window is full); it stops once a ranged connection took
         the next one. A cut here leaves the rest of its segment to a ranged fetch."""
-        carried = b""  # read past the end of the segment before: the next one's first bytes
+        carried, position = b"", 0  # (read past a segment's end: the next one's first bytes)
         try:
             async with response:
                 while True:
                     try:
-                        carried = await read_span(segment, response, carried)
+                        with self.filling(segment):
+                            carried, position = await read_span(segment, response, carried,
+                                                                position)
                     except FETCH_ERRORS as error:
                         log.info("segment at %d: the first connection failed (%r); ranges go "
                                  "on", segment.start, error)
                         break
-                    segment.finish()
                     self.keep(segment)
                     following = await self.next_in_line(segment)
                     if following is None:
+                        self.dropped += len(carried)
                         return
                     segment = following
-            await self.fill(segment)  # (the rest of the segment it was reading when cut)
+            with self.filling(segment):
+                await self.fill(segment)  # (the rest of the segment it was reading when cut)
         finally:
             self.streaming = False
             self.schedule()
@@ -223,6 +250,48 @@ class AdaptiveFetch(SegmentedFetch):
             self._window_moved.clear()
             await self._window_moved.wait()
         return self.claim_next() if self.claimed == index else None
+
+    # -- a stalled head
+
+    async def watch_head(self) -> None:
+        """Race the segment the relay waits for once it brought no byte for a while."""
+        seen, since = (self.segments[0], 0), time.monotonic()
+        while True:
+            await asyncio.sleep(self.patience / 4)
+            head = self.segments[self.relayed]
+            if head.done or head in self.racing or head not in self.filler:
+                continue
+            if (head, head.received) != seen:
+                seen, since = (head, head.received), time.monotonic()
+            elif time.monotonic() - since >= self.patience:
+                self.racing.add(head)
+                self.spawn(self.race(head))
+
+    async def race(self, segment: Segment) -> None:
+        """Ask for the segment's missing bytes on another connection: the first of the two
+        fillers to bring a byte wins (and goes on filling it), the other is cancelled."""
+        racer, holder = asyncio.current_task(), self.filler[segment]
+        assert racer is not None
+        log.info("segment at %d: no byte for %.1f s at byte %d; racing it on another "
+                 "connection", segment.start, self.patience, segment.reached)
+
+        def first_answer() -> None:
+            winner = asyncio.current_task()
+            segment.on_progress = None
+            self.racing.discard(segment)
+            (holder if winner is racer else racer).cancel()
+            if winner is racer:
+                self.filler[segment] = racer
+
+        segment.on_progress = first_answer
+        try:
+            await self.fill(segment)
+        finally:
+            if segment.on_progress is first_answer:
+                segment.on_progress = None
+                self.racing.discard(segment)
+            if self.filler.get(segment) is racer:
+                del self.filler[segment]
 
     # -- how many connections
 
@@ -260,19 +329,22 @@ class AdaptiveFetch(SegmentedFetch):
         return sum(segment.received for segment in self.segments)
 
 
-async def read_span(segment: Segment, response: UpstreamResponse, carried: bytes) -> bytes:
-    """The segment's missing bytes, `carried` first, then from the response body; returns what
-    was read past the segment's end (it belongs to the next segment)."""
+async def read_span(segment: Segment, response: UpstreamResponse, carried: bytes,
+                    position: int) -> tuple[bytes, int]:
+    """The segment's bytes from the whole object's body, read to byte `position`, `carried`
+    (the bytes from there on) first; returns what was read past the segment's end (it belongs
+    to the next segment) and the position after the segment."""
     chunk = carried
-    while segment.missing:
+    while position < segment.end:
         if not chunk:
             chunk = await response.content.readany()
             if not chunk:
                 raise ConnectionResetError("the body ended early")
-        taken = chunk[:segment.missing]
-        segment.put(taken)
-        chunk = chunk[len(taken):]
-    return chunk
+        piece = chunk[:segment.end - position]
+        segment.offer(position, piece)
+        position += len(piece)
+        chunk = chunk[len(piece):]
+    return chunk, position
 
 
 class SegmentSpool:

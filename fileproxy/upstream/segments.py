@@ -89,6 +89,8 @@ class Segment:
         self._error: BaseException | None = None
         self._changed = asyncio.Event()
         self._stored: Callable[[], Awaitable[bytes]] | None = None  # spilled bytes, read back
+        self.duplicate = 0  # bytes offered that the segment already had (a race's loser's)
+        self.on_progress: Callable[[], None] | None = None  # called when new bytes arrive
 
     @property
     def missing(self) -> int:
@@ -98,14 +100,34 @@ class Segment:
     def done(self) -> bool:
         return self._done
 
-    def put(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-        self.received += len(chunk)
-        self._changed.set()
+    @property
+    def reached(self) -> int:
+        """The byte the segment needs next."""
+        return self.start + self.received
+
+    def offer(self, position: int, chunk: bytes) -> int:
+        """Take what `chunk` (the bytes from `position` on, which must not lie beyond what the
+        segment has) adds; finished when complete. Two fillers of one segment (a race) may both
+        offer: the first to bring a byte gives it. Returns how many bytes were new."""
+        skip = self.reached - position
+        if skip < 0:
+            raise ValueError(f"a gap: byte {position} offered, byte {self.reached} needed")
+        new = chunk[skip:skip + self.missing] if skip or len(chunk) > self.missing else chunk
+        self.duplicate += len(chunk) - len(new)
+        if new:
+            self._chunks.append(new)
+            self.received += len(new)
+            self._changed.set()
+            if self.on_progress is not None:
+                self.on_progress()
+            if not self.missing:
+                self.finish()
+        return len(new)
 
     def finish(self, error: BaseException | None = None) -> None:
-        self._done, self._error = True, error
-        self._changed.set()
+        if not self._done:
+            self._done, self._error = True, error
+            self._changed.set()
 
     def hand_over(self, read_back: Callable[[], Awaitable[bytes]]) -> bytes:
         """The bytes held in memory, for keeping elsewhere: from now on `read_back` gives them
@@ -158,12 +180,13 @@ class SegmentedFetch:
         good after RETRIES_PER_SEGMENT failures in a row that brought no byte (a link reset
         every few seconds still lets every segment through)."""
         failures, received = 0, segment.received
-        while segment.missing:
+        while segment.missing and not segment.done:
+            position = segment.reached
             try:
                 if response is None:
-                    response = await self.fetch_range(segment)
+                    response = await self.fetch_range(segment, position)
                 async with response:
-                    await read_into(segment, response)
+                    await read_into(segment, response, position)
             except SegmentFailed as error:
                 segment.finish(error)
                 return
@@ -180,8 +203,7 @@ class SegmentedFetch:
             response = None
         segment.finish()
 
-    async def fetch_range(self, segment: Segment) -> UpstreamResponse:
-        first = segment.start + segment.received
+    async def fetch_range(self, segment: Segment, first: int) -> UpstreamResponse:
         last = segment.end - 1
         headers = self.outgoing.headers.copy()
         headers[hdrs.RANGE] = f"bytes={first}-{last}"
@@ -197,11 +219,14 @@ class SegmentedFetch:
         return response
 
 
-async def read_into(segment: Segment, response: UpstreamResponse) -> None:
-    """The segment's missing bytes from the response body (the first response carries the
-    whole object: the reading stops at the segment's end and its connection is not reused)."""
-    while segment.missing:
+async def read_into(segment: Segment, response: UpstreamResponse, position: int) -> None:
+    """The segment's bytes from the response body, whose first byte is byte `position`, until
+    the segment is complete (the first response carries the whole object: the reading stops at
+    the segment's end and its connection is not reused)."""
+    while position < segment.end and not segment.done:
         chunk = await response.content.readany()
         if not chunk:
             raise ConnectionResetError("the body ended early")
-        segment.put(chunk[:segment.missing])
+        piece = chunk[:segment.end - position]
+        segment.offer(position, piece)
+        position += len(piece)
