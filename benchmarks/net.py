@@ -219,6 +219,7 @@ def download(topology: Topology, target: Running, run: Run, work: Workdir,
 
 
 ARIA2 = "aria2c -x16 direct"
+ROWS = ("direct", "fileproxy", "nginx", "naive", "aria2c")  # --targets: first words of the rows
 ARIA2_ARGS = ("-x16", "-s16", "-k1M")
 ARIA2_QUIET = ("--no-conf=true", "--file-allocation=none", "--allow-overwrite=true",
                "--auto-file-renaming=false", "--summary-interval=0",
@@ -353,11 +354,14 @@ class Started:
             target.stop()
         self.origin.running.stop()
 
-    def plan(self, chosen: tuple[str, ...]) -> dict[str, list[tuple[Running, Workload]]]:
-        """Every chosen workload against every target; downloads also with aria2c."""
-        plan = {name: [(target, RUNNERS[name]) for target in self.targets]
+    def plan(self, chosen: tuple[str, ...], rows: tuple[str, ...] = ()
+             ) -> dict[str, list[tuple[Running, Workload]]]:
+        """Every chosen workload against every target (or those `rows` names); downloads also
+        with aria2c."""
+        plan = {name: [(target, RUNNERS[name]) for target in self.targets
+                       if named(target.name, rows)]
                 for name in WORKLOADS if name in chosen}
-        if "download" in plan:
+        if "download" in plan and named(ARIA2, rows):
             aria2 = aria2_target(self.origin)
             if aria2 is None:
                 self.notes.append(f"{ARIA2}: aria2c not installed, row skipped "
@@ -370,6 +374,12 @@ class Started:
         described = dict.fromkeys(target.name + ": " + target.note for rows in plan.values()
                                   for target, _ in rows if target.note)
         return [*self.notes, *described]
+
+
+def named(target: str, rows: tuple[str, ...]) -> bool:
+    """Is the target one of `rows` (its name's first word: direct, fileproxy, nginx, naive,
+    aria2c), or are all wanted?"""
+    return not rows or target.split()[0] in rows
 
 
 def start_targets(run: Run, topology: Topology, work: Workdir, fileproxy_flags: list[str],
@@ -388,16 +398,17 @@ def start_targets(run: Run, topology: Topology, work: Workdir, fileproxy_flags: 
 
 
 def measure(run: Run, topology: Topology, work: Workdir, fileproxy_flags: list[str],
-            chosen: tuple[str, ...] = WORKLOADS, variants: dict[str, list[str]] | None = None
+            chosen: tuple[str, ...] = WORKLOADS, variants: dict[str, list[str]] | None = None,
+            rows: tuple[str, ...] = ()
             ) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], list[str]]:
     started = start_targets(run, topology, work, fileproxy_flags, variants)
-    plan = started.plan(chosen)
+    plan = started.plan(chosen, rows)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {w: {} for w in WORKLOADS}
     repeat = 1 if run.quick else run.defaults.get("repeat", 3)
-    steps, step = sum(len(rows) for rows in plan.values()) * repeat, 0
-    for name, rows in plan.items():
+    steps, step = sum(len(runs) for runs in plan.values()) * repeat, 0
+    for name, runs in plan.items():
         for rep in range(repeat):
-            for target, workload in rows:
+            for target, workload in runs:
                 step += 1
                 figures = workload(topology, target, run, work, started.origin)
                 results[name].setdefault(target.name, []).append(figures)
@@ -410,11 +421,11 @@ def measure(run: Run, topology: Topology, work: Workdir, fileproxy_flags: list[s
 
 
 def measure_resets(run: Run, topology: Topology, work: Workdir, fileproxy_flags: list[str],
-                   variants: dict[str, list[str]] | None = None
+                   variants: dict[str, list[str]] | None = None, rows: tuple[str, ...] = ()
                    ) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """One download per target, each with the origin's connections reset every interval."""
     started = start_targets(run, topology, work, fileproxy_flags, variants)
-    plan = started.plan(("download",))
+    plan = started.plan(("download",), rows)
     port = urlsplit(started.origin.running.url).port or 80
     results: dict[str, dict[str, Any]] = {}
     for step, (target, workload) in enumerate(plan["download"], 1):
@@ -604,6 +615,9 @@ def main() -> None:
                              "'segments=--upstream-segments 4'")
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         help="comma-separated subset of: " + ", ".join(WORKLOADS))
+    parser.add_argument("--targets", default="", metavar="NAMES",
+                        help="comma-separated subset of the rows: " + ", ".join(ROWS) +
+                             " (default: all)")
     parser.add_argument("--emulator", choices=EMULATIONS, default=None,
                         help="how links are emulated (default: the scenario's, else auto: "
                              "netem where the kernel has it, else the user-space TUN delay line)")
@@ -616,6 +630,10 @@ def main() -> None:
                              "connection to the origin is reset every SECONDS (default 10); the "
                              f"file lasts at least {RESET_INTERVALS:g} intervals at the link rate")
     args = parser.parse_args()
+    rows = tuple(filter(None, args.targets.split(",")))
+    if unknown := set(rows) - set(ROWS):
+        raise HarnessError(f"bench net: --targets: unknown row(s) {', '.join(sorted(unknown))} "
+                           f"(rows: {', '.join(ROWS)})")
     require_root_and_ip()
     run = load_run(args)
     if args.reset_origin_every is not None:
@@ -642,11 +660,11 @@ def main() -> None:
                          f"{c['measured']} -> {'ok' if c['ok'] else 'OFF BY MORE THAN 20%'}")
             if run.reset_every:
                 survived, notes = measure_resets(run, topology, work, flags,
-                                                 parse_variants(args.variant))
+                                                 parse_variants(args.variant), rows)
             else:
                 results, notes = measure(run, topology, work, flags,
                                          tuple(args.workloads.split(",")),
-                                         parse_variants(args.variant))
+                                         parse_variants(args.variant), rows)
             emulator = topology.emulator_stats()
         finally:
             work.remove()

@@ -103,3 +103,13 @@ def test_refuses_clearly_without_root():
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("bench net: needs root"), \
         result.stderr
+
+
+def test_an_unknown_row_stops_it_with_one_line():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.net", "--targets",
+                             "fileproxy,squid"], capture_output=True, text=True, cwd=ROOT,
+                            timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == \
+        "bench net: --targets: unknown row(s) squid (rows: direct, fileproxy, nginx, naive, " \
+        "aria2c)", result.stderr
