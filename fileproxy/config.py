@@ -196,6 +196,40 @@ def _available_congestion_controls() -> set[str] | None:
         return None
 
 
+def parse_readable_file(text: str) -> str:
+    """A file that exists and can be read (empty: none)."""
+    path = str(text).strip()
+    if path and not os.access(path, os.R_OK):
+        raise ValueError("the file does not exist" if not os.path.exists(path)
+                         else "the file cannot be read")
+    return path
+
+
+def parse_h2_window(text: str) -> int:
+    """An HTTP/2 window: 64 KiB up to 2^31 - 1 bytes (RFC 9113 6.9.1)."""
+    size = parse_size(text)
+    if not 65535 <= size <= 2**31 - 1:
+        raise ValueError("expected 64k up to 2147483647 bytes")
+    return size
+
+
+def parse_signing_key(text: str) -> str:
+    """ID=SECRET: an id of letters, digits, '-', '_' and '.', a secret of 16 bytes or more."""
+    key_id, equals, secret = str(text).strip().partition("=")
+    if not equals or not re.fullmatch(r"[A-Za-z0-9._-]+", key_id):
+        raise ValueError("expected ID=SECRET, the id made of letters, digits, '.', '-' or '_'")
+    if len(secret.encode()) < 16:
+        raise ValueError(f"the secret of key {key_id!r} is shorter than 16 bytes")
+    return f"{key_id}={secret}"
+
+
+def parse_path_prefix(text: str) -> str:
+    prefix = str(text).strip()
+    if not prefix.startswith("/"):
+        raise ValueError("expected a path prefix starting with /")
+    return prefix
+
+
 def choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = str(text).strip().lower()
@@ -243,6 +277,36 @@ class Config:
                         metavar="HOST:PORT")
     workers: int = setting(default_workers(), positive(parse_count),
                            "gunicorn worker processes (default: 2 per CPU)", metavar="N")
+    certfile: str = setting("", parse_readable_file,
+                            "PEM certificate (with its chain) to serve HTTPS with (needs "
+                            "--keyfile); re-read on SIGHUP", metavar="FILE")
+    keyfile: str = setting("", parse_readable_file, "PEM private key of --certfile",
+                           metavar="FILE")
+    tls_min_version: str = setting("1.2", choice("1.2", "1.3"), "oldest TLS version accepted",
+                                   metavar="1.2|1.3")
+    upstream_ca: str = setting("", parse_readable_file,
+                               "PEM bundle of CAs to verify https:// upstreams with (default: "
+                               "the system's)", metavar="FILE")
+    http2: bool = setting(True, parse_bool,
+                          "serve HTTP/2: over TLS when the client offers h2 (ALPN), and in clear "
+                          "text to a client that starts with its preface (h2c, prior knowledge)")
+    h2_window: int = setting(
+        16 << 20, parse_h2_window,
+        "HTTP/2 flow-control window per stream and per connection: one stream moves at most "
+        "window / round trip (16 MiB at 150 ms: about 890 Mbit/s)", metavar="SIZE")
+    h2_max_streams: int = setting(100, positive(parse_count),
+                                  "HTTP/2 streams a client may have open at once on one "
+                                  "connection", metavar="N")
+    signing_key: tuple[str, ...] = setting(
+        (), parse_signing_key,
+        "ID=SECRET for signed links (repeat: several keys while one is rotated out)",
+        metavar="ID=SECRET", repeat=True)
+    require_signature: tuple[str, ...] = setting(
+        (), parse_path_prefix, "path prefix whose requests need a valid signed link (repeat)",
+        metavar="PREFIX", repeat=True)
+    signature_skew: float = setting(
+        60.0, parse_seconds, "seconds a signed link is still taken after it expired (clocks "
+        "differ)", metavar="SECONDS")
     admin_prefix: str = setting("/_fileproxy", parse_admin_prefix,
                                 "path prefix reserved for fileproxy's own endpoints", metavar="PATH")
     read_size: int = setting(256 * 1024, positive(parse_size),
@@ -496,6 +560,8 @@ class Config:
         if not self.upstream:
             raise ConfigError("--upstream: at least one upstream URL is required "
                               "(e.g. --upstream http://127.0.0.1:8000)")
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ConfigError("--certfile and --keyfile: HTTPS needs both")
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
