@@ -10,10 +10,14 @@ from importlib.metadata import version
 from typing import Any
 
 import aiohttp
-from aiohttp import HttpVersion11, web
-from aiohttp.http_parser import SINGLETON_HEADERS, HttpRequestParserPy
+from aiohttp import HttpVersion, HttpVersion11, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_parser import SINGLETON_HEADERS, HttpRequestParserPy, RawRequestMessage
 from aiohttp.payload import Payload
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler, RequestPayloadError
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 # The releases whose internals below were read and tested. A new one is added after the test
 # suite passed on it (setup.cfg admits exactly these).
@@ -21,6 +25,7 @@ TESTED_AIOHTTP = ("3.14.4", "3.14.5")
 TESTED_PROMETHEUS_CLIENT = ("0.20", "0.21", "0.22", "0.23", "0.24", "0.25", "0.26")
 
 log = logging.getLogger("fileproxy.server")
+HttpVersion20 = HttpVersion(2, 0)
 
 # Header names (lower-case bytes) aiohttp's request parser refuses to see twice (a 400): the fast
 # path hands a request that repeats one to aiohttp rather than deciding otherwise.
@@ -202,3 +207,69 @@ def histogram_add(histogram: Any, total: float, counts: Iterable[int]) -> None:
     for bucket, count in zip(histogram._buckets, counts, strict=True):
         if count:
             bucket.inc(count)
+
+
+# ---------------------------------------------------------------- requests from elsewhere (HTTP/2)
+
+EMPTY_BODY = EMPTY_PAYLOAD
+
+
+class PayloadFlow:
+    """The connection protocol aiohttp's BaseRequest and StreamReader expect (its transport,
+    ssl_context, peername, sockname, max_field_size, max_headers, connected; pause_reading and
+    resume_reading with the _reading_paused flag they read), for requests that arrive on
+    something else: an HTTP/2 stream. `resumed` is called when a paused reader has room again."""
+
+    def __init__(self, transport: asyncio.Transport, max_field_size: int,
+                 max_headers: int) -> None:
+        self.transport = transport
+        self.ssl_context = transport.get_extra_info("sslcontext")
+        self.peername = transport.get_extra_info("peername")
+        self.sockname = transport.get_extra_info("sockname")
+        self.max_field_size, self.max_headers = max_field_size, max_headers
+        self._reading_paused = False
+
+    @property
+    def paused(self) -> bool:
+        return self._reading_paused
+
+    @property
+    def connected(self) -> bool:
+        """(StreamReader asks before it waits for data.)"""
+        return not self.transport.is_closing()
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self.resumed()
+
+    def resumed(self) -> None:
+        """Room again in the reader."""
+
+
+def body_reader(flow: PayloadFlow, limit: int) -> StreamReader:
+    """A request body reader that pauses `flow` above twice `limit` bytes buffered."""
+    return StreamReader(flow, limit, loop=asyncio.get_running_loop())  # type: ignore[arg-type]
+
+
+def request_message(method: str, target: str, fields: list[tuple[bytes, bytes]]
+                    ) -> RawRequestMessage:
+    """A request head as aiohttp's HTTP/1.1 parser would hand it over, for HTTP/2."""
+    headers = CIMultiDictProxy(CIMultiDict(
+        (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+        for name, value in fields))
+    url = URL(target, encoded=True) if target.startswith("/") else URL.build(path=target,
+                                                                            encoded=True)
+    return RawRequestMessage(method, target, HttpVersion20, headers, tuple(fields),
+                             should_close=False, compression=None, upgrade=False,
+                             chunked=False, url=url)
+
+
+def make_request(server: web.Server, message: RawRequestMessage, payload: StreamReader,
+                 flow: PayloadFlow, writer: AbstractStreamWriter,
+                 task: asyncio.Task[None]) -> web.BaseRequest:
+    """The application's request object for a head that did not come through its own parser."""
+    return server.request_factory(message, payload, flow, writer, task)  # type: ignore[arg-type]

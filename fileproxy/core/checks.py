@@ -3,6 +3,7 @@ policy), decided once for every server path: a refusal here never reaches an ups
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Sequence
 from typing import Protocol
@@ -16,6 +17,7 @@ from fileproxy.http.targets import TOKEN, check_dot_segments
 # RFC 9112 3: method SP request-target SP HTTP-version CRLF, single spaces, no control bytes.
 REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e\x80-\xff]+ HTTP/[0-9]\.[0-9]\r\n")
 SUPPORTED_VERSIONS = frozenset({(1, 0), (1, 1)})
+HTTP2 = (2, 0)
 # The largest length a backend that keeps lengths in signed 64 bits can parse (nginx's limit too).
 MAX_CONTENT_LENGTH = 2**63 - 1
 ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
@@ -36,6 +38,9 @@ class RequestHead(Protocol):
     @property
     def raw_headers(self) -> Sequence[tuple[bytes, bytes]]: ...
 
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+
 
 def check_request_line(line: bytes) -> None:
     """The request line as it came on the wire (server adapters whose parser is lenient)."""
@@ -46,7 +51,7 @@ def check_request_line(line: bytes) -> None:
 
 def check_request(head: RequestHead, config: Config) -> str:
     """Refuse what must never reach an upstream; return the origin-form target to send."""
-    check_version(head.version)
+    check_version(head.version, over_http2(head.transport))
     if head.method == "CONNECT":
         raise ProxyError(405, "Method Not Allowed: CONNECT is refused; fileproxy is a reverse "
                               "proxy, not a forward proxy", close=True,
@@ -55,10 +60,19 @@ def check_request(head: RequestHead, config: Config) -> str:
     return request_target(head.raw_path, host)
 
 
-def check_version(version: tuple[int, int]) -> None:
-    if tuple(version) not in SUPPORTED_VERSIONS:
+def check_version(version: tuple[int, int], framed_as_http2: bool = False) -> None:
+    """HTTP/1.0 and 1.1, and HTTP/2 when it came in HTTP/2 frames (not in a request line)."""
+    accepted = tuple(version) == HTTP2 if framed_as_http2 else \
+        tuple(version) in SUPPORTED_VERSIONS
+    if not accepted:
         raise ProxyError(505, f"HTTP Version Not Supported: HTTP/{version[0]}.{version[1]}; "
-                              "fileproxy speaks HTTP/1.0 and HTTP/1.1", close=True)
+                              "fileproxy speaks HTTP/1.0 and HTTP/1.1, and HTTP/2 in HTTP/2 "
+                              "frames", close=True)
+
+
+def over_http2(transport: asyncio.Transport | None) -> bool:
+    """Did the request come on an HTTP/2 stream (server/h2server.py's transport says so)?"""
+    return transport is not None and transport.get_extra_info("h2_stream") is not None
 
 
 def check_fields(raw_headers: Sequence[tuple[bytes, bytes]], version: tuple[int, int],

@@ -30,6 +30,7 @@ from fileproxy.core.relay import (
     within,
 )
 from fileproxy.core.routing import Route, route
+from fileproxy.features.signing import verified_target
 from fileproxy.http.errors import ProxyError
 from fileproxy.http.headers import (
     ClientRequest,
@@ -71,14 +72,14 @@ async def serve_request(app: web.Application, request: ServedRequest, side: Clie
                         exchange: Exchange,
                         body_for: Callable[[Outgoing], ForwardedBody | None],
                         elsewhere: Elsewhere[A] | None = None) -> W | S | E | A:
-    """The request path, whichever server adapter parsed the request: 1 checks (a 4xx here never
-    reaches an upstream), 2 route, 3 admission, 4-5 forward and relay, 6 metrics. fileproxy's own
-    answers (errors, legacy endpoints, tasks) go back through the same side."""
+    """The request path, whichever server adapter parsed the request: 1 checks and signed links
+    (a 4xx here never reaches an upstream), 2 route, 3 admission, 4-5 forward and relay, 6 metrics.
+    fileproxy's own answers (errors, legacy endpoints, tasks) go back through the same side."""
     config = app[CONFIG]
     metrics = app[METRICS]
     metrics.started_one()
     try:
-        target = check_request(request, config)
+        target = verified_target(request.method, check_request(request, config), config)
         outgoing = outgoing_request(request, config, target, exchange.request_id)
         where = route(request.method, request.path, request.headers, config)
         if where is not Route.FORWARD:
@@ -267,7 +268,7 @@ def resuming(app: web.Application, relaying: Relaying, outgoing: Outgoing,
 def interim_relay(version: HttpVersion, transport: asyncio.Transport | None) -> Interim | None:
     """Pass 1xx interim responses such as 103 Early Hints (RFC 9110 15.2) to an HTTP/1.1 client
     ahead of the final one; 100 Continue is between the proxy and each side."""
-    if version < (1, 1) or transport is None:
+    if not (1, 1) <= version < (2, 0) or transport is None:  # (HTTP/2: not relayed yet)
         return None
 
     def relay(status: int, headers: list[tuple[bytes, bytes]]) -> None:

@@ -26,7 +26,7 @@ from fileproxy.features.uploads import (
     delivery_headers,
     uploads_of,
 )
-from fileproxy.http.headers import Outgoing, interim_head
+from fileproxy.http.headers import Outgoing, send_interim
 from fileproxy.http.responses import QuietResponse
 
 INTEROP_VERSIONS = ("6", "8")
@@ -172,8 +172,7 @@ async def announce(request: web.Request, headers: dict[str, str]) -> None:
     if request.version < (1, 1):
         return
     fields = [(name.encode(), value.encode()) for name, value in headers.items()]
-    await request.writer.write(interim_head(104, fields))
-    request.writer.output_size = 0
+    await send_interim(request.writer, 104, fields)
 
 
 # ---------------------------------------------------------------- the upload resource

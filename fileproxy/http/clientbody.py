@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from fileproxy.http.headers import send_interim
+
 log = logging.getLogger("fileproxy.http.clientbody")
 
 
@@ -21,8 +23,7 @@ async def send_100_continue(request: web.Request) -> None:
         return
     request[CONTINUED] = True
     if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0
+        await send_interim(request.writer, 100, [])
 
 
 class ClientStalled(ConnectionError):

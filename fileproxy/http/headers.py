@@ -7,6 +7,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import HttpVersion, hdrs
+from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from fileproxy.config import Config
@@ -111,10 +112,15 @@ def add_forwarding(headers: CIMultiDict[str], request: ClientRequest, config: Co
         headers["X-Forwarded-Host"] = forwarded_host or incoming[hdrs.HOST]
     vias = incoming.getall(hdrs.VIA, [])
     if config.via:
-        vias.append(f"{request.version.major}.{request.version.minor} {config.via}")
+        vias.append(f"{version_text(request.version)} {config.via}")
     if vias:
         headers[hdrs.VIA] = ", ".join(vias)
     headers["X-Request-Id"] = request_id
+
+
+def version_text(version: HttpVersion) -> str:
+    """As Via writes a protocol version (RFC 9110 7.6.3): 1.0, 1.1, 2."""
+    return str(version.major) if version.major >= 2 else f"{version.major}.{version.minor}"
 
 
 def peer_address(request: ClientRequest) -> str | None:
@@ -136,6 +142,18 @@ def response_length(upstream: UpstreamResponse) -> int | None:
         return None
     length = upstream.headers.get(hdrs.CONTENT_LENGTH)
     return int(length) if length is not None and length.isdigit() else None
+
+
+async def send_interim(writer: AbstractStreamWriter, status: int,
+                       headers: list[tuple[bytes, bytes]]) -> None:
+    """A 1xx interim response ahead of the final one: as HTTP/1.1 bytes, or as the writer sends
+    it itself (an HTTP/2 stream's writer: a HEADERS frame)."""
+    own = getattr(writer, "write_interim", None)
+    if own is not None:
+        await own(status, headers)
+    else:
+        await writer.write(interim_head(status, headers))
+    writer.output_size = 0  # (the final response's bytes are what is counted)
 
 
 def interim_head(status: int, headers: list[tuple[bytes, bytes]]) -> bytes:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 
 from fileproxy.compat import NoDefaultHeaders, answer_as_http11, send_headers_with_first_chunk
@@ -82,10 +83,11 @@ class RelayedResponse(NoDefaultHeaders, web.StreamResponse):
         self.body_bytes = 0
         self.aborted: str | None = None
         self.fault: str | None = None
-        self.writer: StreamWriter | None = None  # the request's, once prepared
+        self.writer: AbstractStreamWriter | None = None  # the request's, once prepared
 
     async def flush(self, chunks: list[bytes]) -> int:
-        assert self.writer is not None
+        """(Before a socket-to-socket relay, which only an HTTP/1 connection gets.)"""
+        assert isinstance(self.writer, StreamWriter)
         return await write_all(self.writer, chunks)
 
 
@@ -120,7 +122,6 @@ class AiohttpSide:
         if length is not None:
             response.content_length = length
         await response.prepare(self.request)
-        assert isinstance(self.request.writer, StreamWriter)
         response.writer = self.request.writer
         return response
 

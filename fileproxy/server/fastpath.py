@@ -38,6 +38,7 @@ from fileproxy.core.routing import Route, route
 from fileproxy.http.errors import ProxyError
 from fileproxy.http.headers import Outgoing, parser_limit, response_headers, response_length
 from fileproxy.observability.accesslog import AccessLogger, exchange_fields
+from fileproxy.server.h2server import H2Connection, Opening
 from fileproxy.upstream.aiohttp_client import UpstreamResponse
 from fileproxy.upstream.sockets import SocketOptions
 
@@ -139,13 +140,19 @@ class FastServer:
         self.inner, self.app, self.access = inner, app, access
         self.config = app[CONFIG]
         self.gate = Gate(self.config)
-        self.connections: set[FastConnection] = set()
+        self.connections: set[FastConnection | H2Connection] = set()
         self.served = 0
         self.closing = False
         self.head_limit = 2 * self.config.max_header_size + 8192
         self.socket_options = SocketOptions.from_config(self.config)
 
     def __call__(self) -> asyncio.Protocol:
+        """A new connection: HTTP/2 or HTTP/1.1 is decided first (ALPN, the h2c preface)."""
+        if self.config.http2:
+            return Opening(self)
+        return self.http1()
+
+    def http1(self) -> asyncio.Protocol:
         if not self.config.fast_path:
             return self.aiohttp_handler()
         return FastConnection(self)

@@ -1,0 +1,562 @@
+"""HTTP/2 to clients (RFC 9113, on the h2 library): each stream an aiohttp request of the same app.
+
+Every stream goes to the same application as HTTP/1.1 (the one request path, tus, tasks, admin),
+its body streamed both ways under HTTP/2 flow control.
+
+A connection starts on Opening, which picks the protocol: HTTP/2 when TLS negotiated `h2` (ALPN)
+or when a clear-text client's first bytes are the HTTP/2 preface (h2c with prior knowledge);
+HTTP/1.1 otherwise (the fast path, or aiohttp's server). Each stream's request is an aiohttp
+request whose "transport" is the stream (closing it resets the stream, never the connection; it
+has no socket, so no socket-to-socket relay) and whose writer sends HEADERS and DATA frames.
+Windows are sized for long fat links (--h2-window, per stream and for the connection); received
+bytes are acknowledged once the request's body reader has room for them, so a slow upstream
+holds a fast client back through flow control and memory stays bounded by the window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from multidict import CIMultiDict
+
+from fileproxy.compat import EMPTY_BODY, PayloadFlow, body_reader, make_request, request_message
+from fileproxy.config import Config
+from fileproxy.core.exchange import request_id_for
+from fileproxy.http.errors import ProxyError
+from fileproxy.http.headers import parser_limit
+from fileproxy.observability.accesslog import AccessLogger
+
+log = logging.getLogger("fileproxy.h2")
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# Connection-specific fields (RFC 9113 8.2.2): never sent in HTTP/2, refused when received.
+CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection",
+                                 "transfer-encoding", "upgrade"})
+FORBIDDEN_IN_VALUES = (b"\r", b"\n", b"\x00")
+DEFAULT_WINDOW = 65535  # every HTTP/2 window's size before SETTINGS or WINDOW_UPDATE
+
+
+class Host(Protocol):
+    """What a connection needs of the server it belongs to (server/fastpath.py's FastServer)."""
+
+    config: Config
+    inner: web.Server
+    access: AccessLogger | None
+    connections: set[Any]
+    served: int
+    closing: bool
+
+    def connected(self, transport: asyncio.BaseTransport) -> None: ...
+
+    def http1(self) -> asyncio.Protocol: ...
+
+
+class Opening(asyncio.Protocol):
+    """A new client connection until its protocol is known."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            chosen = ssl_object.selected_alpn_protocol()
+            self.switch(H2Connection(self.host) if chosen == "h2" else self.host.http1())
+            return
+        self.timer = asyncio.get_running_loop().call_later(
+            self.host.config.client_header_timeout, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.buffer.startswith(PREFACE):
+            self.switch(H2Connection(self.host))
+        elif not PREFACE.startswith(self.buffer):
+            self.switch(self.host.http1())
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def switch(self, protocol: asyncio.Protocol) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        transport = self.transport
+        assert transport is not None
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self.buffer:
+            protocol.data_received(self.buffer)
+
+
+class H2Connection(asyncio.Protocol):
+    """One client connection speaking HTTP/2: frames in, events to streams, frames out."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        config = host.config
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding=None))
+        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: config.h2_window,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: config.h2_max_streams,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 2 * config.max_header_size,
+        })
+        self.streams: dict[int, H2Stream] = {}
+        self.transport: asyncio.Transport | None = None
+        self.closing = False
+        self._writable: asyncio.Future[None] | None = None
+        self._idle: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.loop = asyncio.get_running_loop()
+        self.host.connected(transport)
+        self.host.connections.add(self)
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(self.host.config.h2_window - DEFAULT_WINDOW)
+        self.flush()
+        self.closing = self.host.closing
+        self.wait_idle()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as error:
+            log.info("closing an HTTP/2 connection: %s", error)
+            self.flush()  # (h2 queued a GOAWAY)
+            self.close()
+            return
+        for event in events:
+            self.dispatch(event)
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.host.connections.discard(self)
+        self.cancel_idle()
+        for stream in list(self.streams.values()):
+            stream.lost()
+        self.wake_writer()
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        self.wake_writer()
+
+    # -- events
+
+    def dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self.request_received(event)
+        elif isinstance(event, h2.events.DataReceived):
+            if (stream := self.streams.get(event.stream_id)) is not None:
+                stream.data(event.data, event.flow_controlled_length)
+            else:  # (a stream already answered: its bytes still count for the connection)
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, (h2.events.StreamEnded, h2.events.TrailersReceived)):
+            if (stream := self.streams.get(event.stream_id)) is not None:
+                stream.ended()
+        elif isinstance(event, h2.events.StreamReset):
+            if (stream := self.streams.get(event.stream_id)) is not None:
+                stream.reset_by_client(event.error_code)
+        elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+            for stream in self.streams.values():
+                stream.window_changed()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.closing = True
+            self.close_when_idle()
+
+    def request_received(self, event: h2.events.RequestReceived) -> None:
+        if self.closing:
+            self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        headers = list(event.headers or [])
+        problem = malformed(headers)
+        if problem is not None:
+            log.info("HTTP/2 stream %d refused: %s", event.stream_id, problem)
+            self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return
+        ended = event.stream_ended is not None
+        stream = self.streams[event.stream_id] = H2Stream(self, event.stream_id)
+        self.cancel_idle()
+        stream.start(headers, ended)
+
+    def stream_done(self, stream: H2Stream) -> None:
+        self.streams.pop(stream.id, None)
+        self.host.served += 1
+        if not self.streams:
+            if self.closing:
+                self.close_when_idle()
+            else:
+                self.wait_idle()
+
+    # -- output
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def writable(self) -> None:
+        """Until the transport's buffer is below its high-water mark (or the connection ended)."""
+        while self._writable is not None:
+            await self._writable
+
+    def wake_writer(self) -> None:
+        if self._writable is not None:
+            waiter, self._writable = self._writable, None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- closing
+
+    def wait_idle(self) -> None:
+        self.cancel_idle()
+        self._idle = self.loop.call_later(self.host.config.client_keepalive, self.close_when_idle)
+
+    def cancel_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def close_when_idle(self) -> None:
+        """GOAWAY: no new stream; the connection closes once its streams ended."""
+        self.closing = True
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.h2.state_machine.state != h2.connection.ConnectionState.CLOSED:
+            self.h2.close_connection()
+            self.flush()
+        if not self.streams:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def malformed(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """What makes a request's fields unfit to become HTTP/1.1 (RFC 9113 8.2.1, 8.3.1) beyond
+    what h2 checks: CR, LF or NUL in a value, connection-specific fields, a Host that names
+    another authority than :authority."""
+    authority = host = None
+    for name, value in headers:
+        if any(byte in value for byte in FORBIDDEN_IN_VALUES):
+            return f"CR, LF or NUL in the value of {name[:64]!r}"
+        lowered = name.decode("latin-1")
+        if lowered in CONNECTION_SPECIFIC:
+            return f"connection-specific field {lowered}"
+        if lowered == ":authority":
+            authority = value
+        elif lowered == "host":
+            host = value
+    if authority is not None and host is not None and authority != host:
+        return "Host and :authority differ"
+    return None
+
+
+class H2Stream:
+    """One request and its response on a connection."""
+
+    def __init__(self, connection: H2Connection, stream_id: int) -> None:
+        self.connection = connection
+        self.id = stream_id
+        self.flow = StreamFlow(self)
+        self.body = body_reader(self.flow, connection.host.config.read_size)
+        self.unacknowledged = 0
+        self.closed = False
+        self.task: asyncio.Task[None] | None = None
+        self._window = asyncio.Event()
+
+    @property
+    def machine(self) -> h2.connection.H2Connection:
+        return self.connection.h2
+
+    def start(self, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+        if ended:
+            self.body.feed_eof()
+        self.started = time.monotonic()
+        self.task = asyncio.get_running_loop().create_task(
+            self.run(request_message(*as_http1(headers)), EMPTY_BODY if ended else self.body))
+
+    async def run(self, message: Any, body: Any) -> None:
+        """The application answers the request; the response goes out as frames."""
+        host = self.connection.host
+        assert self.task is not None
+        writer = H2Writer(self)
+        request = make_request(host.inner, message, body, self.flow, writer, self.task)
+        response: web.StreamResponse | None = None
+        try:
+            response = await answer(host.inner, request)
+        except ConnectionError as error:
+            log.debug("HTTP/2 stream %d ended early: %s", self.id, error)
+            self.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+        except Exception as error:  # (what aiohttp's server answers with a 500)
+            log.error("error handling an HTTP/2 request", exc_info=error)
+            if not writer.headers_sent:
+                response = ProxyError(500, "Internal Server Error").response(
+                    request_id_for(request))
+                await self.answer_quietly(request, response)
+            else:
+                self.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+        finally:
+            if host.access is not None and response is not None:
+                host.access.log(request, response, time.monotonic() - self.started)
+            self.finish()
+
+    async def answer_quietly(self, request: web.BaseRequest, response: web.StreamResponse
+                             ) -> None:
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+        except ConnectionError:
+            self.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+
+    def finish(self) -> None:
+        """The stream is done with: a body the client still sends is not waited for (RST_STREAM
+        NO_ERROR after a complete response, RFC 9113 8.1)."""
+        if self.client_still_sending():
+            self.reset(h2.errors.ErrorCodes.NO_ERROR)
+        self.closed = True
+        self.acknowledge()
+        self.connection.stream_done(self)
+
+    def client_still_sending(self) -> bool:
+        stream = self.machine.streams.get(self.id)
+        return stream is not None and not stream.closed
+
+    # -- from the client
+
+    def data(self, data: bytes, flow_controlled_length: int) -> None:
+        self.unacknowledged += flow_controlled_length
+        if data and not self.closed:
+            self.body.feed_data(data)
+        if not self.flow.paused or self.closed:
+            self.acknowledge()
+
+    def ended(self) -> None:
+        self.body.feed_eof()
+
+    def acknowledge(self) -> None:
+        """Open the windows again for the bytes received and taken."""
+        if self.unacknowledged:
+            count, self.unacknowledged = self.unacknowledged, 0
+            try:
+                self.machine.acknowledge_received_data(count, self.id)
+            except h2.exceptions.StreamClosedError:
+                self.machine.increment_flow_control_window(count)
+            self.connection.flush()
+
+    def reset_by_client(self, error_code: int) -> None:
+        log.debug("HTTP/2 stream %d reset by the client (%s)", self.id, error_code)
+        self.closed = True
+        self.lost()
+
+    def lost(self) -> None:
+        """The client reset the stream or left: its request is cancelled (and its upstream one)."""
+        self.closed = True
+        self.body.set_exception(ConnectionResetError("the client reset the stream"))
+        self._window.set()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    # -- to the client
+
+    def reset(self, code: h2.errors.ErrorCodes) -> None:
+        """End the stream without a clean end (a truncated body is never passed off as whole)."""
+        self.closed = True
+        self._window.set()
+        try:
+            self.machine.reset_stream(self.id, code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return
+        self.connection.flush()
+
+    def send_headers(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        self.check_open()
+        self.machine.send_headers(self.id, headers, end_stream=end)
+        self.connection.flush()
+        if end:
+            self.closed = True
+
+    async def send_data(self, data: bytes, end: bool) -> None:
+        """DATA frames as the stream's and the connection's windows allow."""
+        sent = 0
+        while sent < len(data) or end:
+            self.check_open()
+            window = min(self.machine.local_flow_control_window(self.id),
+                         self.machine.max_outbound_frame_size)
+            if window <= 0 and sent < len(data):
+                self._window.clear()
+                await self._window.wait()
+                continue
+            piece = data[sent:sent + window]
+            sent += len(piece)
+            last = end and sent >= len(data)
+            self.machine.send_data(self.id, piece, end_stream=last)
+            self.connection.flush()
+            await self.connection.writable()
+            if last:
+                self.closed = True
+                return
+
+    def check_open(self) -> None:
+        if self.closed or self.connection.transport is None or \
+                self.connection.transport.is_closing():
+            raise ConnectionResetError("the HTTP/2 stream was reset or the connection closed")
+
+    def window_changed(self) -> None:
+        self._window.set()
+
+
+def as_http1(headers: list[tuple[bytes, bytes]]) -> tuple[str, str, list[tuple[bytes, bytes]]]:
+    """(method, target, fields) of a request's HTTP/2 fields as HTTP/1.1 would carry them
+    (RFC 9113 8.3.1, 8.2.3): :authority becomes Host, cookie fields are joined."""
+    pseudo: dict[bytes, bytes] = {}
+    fields: list[tuple[bytes, bytes]] = []
+    cookies: list[bytes] = []
+    for name, value in headers:
+        if name.startswith(b":"):
+            pseudo[name] = value
+        elif name == b"cookie":
+            cookies.append(value)
+        else:
+            fields.append((name, value))
+    if b":authority" in pseudo and not any(name == b"host" for name, _ in fields):
+        fields.insert(0, (b"host", pseudo[b":authority"]))
+    if cookies:
+        fields.append((b"cookie", b"; ".join(cookies)))
+    method = pseudo.get(b":method", b"GET").decode("latin-1")
+    target = pseudo.get(b":path", pseudo.get(b":authority", b"")).decode("utf-8",
+                                                                            "surrogateescape")
+    return method, target, fields
+
+
+async def answer(server: web.Server, request: web.BaseRequest) -> web.StreamResponse:
+    """The application's response to a request, sent whole (as aiohttp's connection handler
+    does: an HTTPException raised is the response)."""
+    try:
+        response = await server.request_handler(request)
+    except web.HTTPException as exception:
+        response = exception
+    await response.prepare(request)
+    await response.write_eof()
+    return response
+
+
+class StreamFlow(PayloadFlow):
+    """What aiohttp's request and body reader see of a stream (they expect a connection's
+    protocol): pausing holds back the acknowledgement of received bytes."""
+
+    def __init__(self, stream: H2Stream) -> None:
+        connection = stream.connection
+        outer = connection.transport
+        assert outer is not None
+        config = connection.host.config
+        super().__init__(StreamTransport(stream, outer), parser_limit(config),
+                         2 * config.max_headers)
+        self.stream = stream
+
+    def resumed(self) -> None:
+        self.stream.acknowledge()
+
+
+class StreamTransport(asyncio.Transport):
+    """A stream as the transport of its request: closing it resets the stream; it has no socket
+    of its own (no socket-to-socket relay) and says which stream it is."""
+
+    def __init__(self, stream: H2Stream, outer: asyncio.Transport) -> None:
+        super().__init__()
+        self.stream, self.outer = stream, outer
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return None
+        if name == "h2_stream":
+            return self.stream.id
+        return self.outer.get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self.stream.closed or self.outer.is_closing()
+
+    def close(self) -> None:
+        self.stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+
+    def abort(self) -> None:
+        self.close()
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+class H2Writer(AbstractStreamWriter):
+    """aiohttp's response writer for a stream: the head as HEADERS, the body as DATA."""
+
+    def __init__(self, stream: H2Stream) -> None:
+        self.stream = stream
+        self.length = None
+        self._head: list[tuple[bytes, bytes]] | None = None
+        self.headers_sent = False
+
+    def enable_compression(self, encoding: str = "deflate", strategy: int | None = None
+                           ) -> None:
+        raise RuntimeError("fileproxy never compresses a response itself")
+
+    def enable_chunking(self) -> None:
+        """HTTP/2 frames the body itself."""
+
+    async def write_headers(self, status_line: str, headers: CIMultiDict[str]) -> None:
+        status = status_line.split(" ", 2)[1]
+        self._head = [(b":status", status.encode())] + [
+            (name.lower().encode("latin-1"), value.encode("utf-8", "surrogateescape"))
+            for name, value in headers.items() if name.lower() not in CONNECTION_SPECIFIC]
+
+    def send_headers(self, end: bool = False) -> None:
+        if self._head is not None and not self.headers_sent:
+            self.headers_sent = True
+            self.stream.send_headers(self._head, end)
+
+    async def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        if chunk:
+            self.send_headers()
+            await self.stream.send_data(bytes(chunk), end=False)
+            self.output_size += len(chunk)
+
+    async def write_eof(self, chunk: bytes = b"") -> None:
+        if not self.headers_sent and not chunk:
+            self.send_headers(end=True)
+            return
+        self.send_headers()
+        await self.stream.send_data(bytes(chunk), end=True)
+        self.output_size += len(chunk)
+
+    async def drain(self) -> None:
+        await self.stream.connection.writable()
+
+    async def write_interim(self, status: int, fields: list[tuple[bytes, bytes]]) -> None:
+        """A 1xx response (100 Continue, 104) as a HEADERS frame before the final one."""
+        self.stream.send_headers([(b":status", str(status).encode())] + [
+            (name.lower(), value) for name, value in fields
+            if name.decode("latin-1").lower() not in CONNECTION_SPECIFIC], False)
