@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The one entry point: bootstraps .venv on first use, then serve / dev / test / bench.
+# The one entry point: bootstraps .venv on first use, then serve / dev / sign / test / bench.
 #   ./run.sh [serve] --upstream URL [flags]   gunicorn with gunicorn.conf.py (the deployment)
 #   ./run.sh dev --upstream URL [flags]       one process, for debugging
+#   ./run.sh sign URL [--key ID] [flags]      print a signed link (./run.sh sign --help)
 #   ./run.sh test [pytest args]               the test suite
 #   ./run.sh bench NAME [args]                benchmarks/NAME.py (loopback, load, net)
 #   ./run.sh lint [ruff args]                 ruff check, then mypy (settings in setup.cfg)
@@ -39,5 +40,6 @@ case "${1:-}" in
     exec "$py" -m "benchmarks.$name" "$@" ;;
   dev) shift; exec "$py" -m fileproxy dev "$@" ;;
   serve) shift; exec "$py" -m fileproxy serve "$@" ;;
+  sign) exec "$py" -m fileproxy "$@" ;;
   *) exec "$py" -m fileproxy serve "$@" ;;
 esac

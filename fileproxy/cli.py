@@ -1,9 +1,11 @@
-"""Command line: `fileproxy [serve|dev] --upstream URL [flags]`; every flag is a Config field."""
+"""Command line: `fileproxy [serve|dev] --upstream URL [flags]` (Config fields) and `fileproxy sign URL`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,25 +16,34 @@ from fileproxy.config import (
     SETTINGS,
     Config,
     ConfigError,
+    coerce,
     env_name,
     flag_name,
     load_config,
     parse_bool,
+    parse_seconds,
+    positive,
+    values_from_env,
+    values_from_file,
 )
+from fileproxy.features.signing import signed_link, signing_secrets
 from fileproxy.server.run import run_dev, run_gunicorn
+from fileproxy.server.tls import CertificateError, server_context
 
-COMMANDS = ("serve", "dev")
+COMMANDS = ("serve", "dev", "sign")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fileproxy", argument_default=argparse.SUPPRESS,
         description="Streaming HTTP reverse proxy for large files over poor networks. "
-                    "serve (default): gunicorn with gunicorn.conf.py; dev: one process.",
+                    "serve (default): gunicorn with gunicorn.conf.py; dev: one process; "
+                    "sign: print a signed link (fileproxy sign --help).",
         epilog=f"Every flag can also come from an env var (FILEPROXY_<NAME>) or a TOML file "
                f"(--config or {CONFIG_FILE_ENV}); the command line wins, then env, then file.")
     parser.add_argument("command", nargs="?", choices=COMMANDS, default="serve",
-                        help="serve (gunicorn, several workers) or dev (one process)")
+                        help="serve (gunicorn, several workers), dev (one process) or sign "
+                             "(first, with its own flags: fileproxy sign URL)")
     parser.add_argument("--config", metavar="FILE", help="TOML file with settings")
     parser.add_argument("--version", action="version", version=f"fileproxy {__version__}")
     for name, spec in SETTINGS.items():
@@ -76,6 +87,9 @@ def legacy_values(args: dict[str, Any]) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None) -> tuple[str, Config]:
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command", "serve")
+    if command == "sign":
+        raise ConfigError("sign comes first and takes its own flags: fileproxy sign URL [--key ID] "
+                          "[--expires 1h] [--method GET]")
     config_file = args.pop("config", None)
     cli_values = legacy_values(args)
     cli_values.update(args)
@@ -83,16 +97,86 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str, Config]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["sign"]:
+        return sign(arguments[1:])
     try:
-        command, config = parse_args(argv)
+        command, config = parse_args(arguments)
     except ConfigError as error:
         print(f"fileproxy: error: {error}", file=sys.stderr)
         return 2
     try:
         check_versions()
-    except UntestedVersion as error:
+        server_context(config)  # (a certificate that cannot be used stops start-up here)
+    except (UntestedVersion, CertificateError) as error:
         print(f"fileproxy: error: {error}", file=sys.stderr)
         return 2
     if command == "dev":
         return run_dev(config)
     return run_gunicorn(config)
+
+
+# ---------------------------------------------------------------- fileproxy sign
+
+def build_sign_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fileproxy sign",
+        description="Print a signed link (fp-expires, fp-key, fp-signature) for paths under "
+                    "--require-signature, with a key of the server's own settings.",
+        epilog=f"The keys come from --signing-key, {env_name('signing_key')} or the TOML file "
+               f"(--config or {CONFIG_FILE_ENV}), as for the server; no upstream is needed.")
+    parser.add_argument("url", help="what to sign: http://proxy:8080/path?query, or /path?query")
+    parser.add_argument("--key", metavar="ID", help="id of the signing key (needed when several "
+                                                    "are set)")
+    parser.add_argument("--expires", metavar="DURATION", type=duration, default=3600.0,
+                        help="how long the link works: 90, 15m, 1h, ... (default 1h)")
+    parser.add_argument("--method", default="GET", type=str.upper,
+                        help="the method the link is for (default GET)")
+    parser.add_argument("--config", metavar="FILE", help="TOML file with settings")
+    parser.add_argument(flag_name("signing_key"), dest="signing_key", action="append",
+                        metavar="ID=SECRET", help="a signing key (repeat)")
+    return parser
+
+
+def duration(text: str) -> float:
+    try:
+        return float(positive(parse_seconds)(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def signing_keys(cli_keys: list[str] | None, config_file: str | None) -> dict[str, str]:
+    """--signing-key by id, with the server's precedence (command line, env, TOML file) but
+    without building a whole Config (which needs an upstream)."""
+    config_file = config_file or os.environ.get(CONFIG_FILE_ENV)
+    values = values_from_file(config_file) if config_file else {}
+    values.update(values_from_env(os.environ))
+    if cli_keys:
+        values["signing_key"] = coerce("signing_key", cli_keys, "command line")
+    return signing_secrets(values.get("signing_key", ()))
+
+
+def chosen_key(keys: dict[str, str], key_id: str | None) -> tuple[str, str]:
+    """(id, secret) of --key, or of the only key set."""
+    if not keys:
+        raise ConfigError(f"--signing-key: no key to sign with (--signing-key ID=SECRET, "
+                          f"{env_name('signing_key')} or signing-key in --config)")
+    if key_id is None and len(keys) > 1:
+        raise ConfigError(f"--key: several signing keys are set ({', '.join(keys)}); choose one")
+    key_id = key_id or next(iter(keys))
+    if key_id not in keys:
+        raise ConfigError(f"--key: no signing key {key_id!r} is set (set: {', '.join(keys)})")
+    return key_id, keys[key_id]
+
+
+def sign(argv: Sequence[str]) -> int:
+    """`fileproxy sign URL`: print the signed link on stdout."""
+    args = build_sign_parser().parse_args(argv)
+    try:
+        key_id, secret = chosen_key(signing_keys(args.signing_key, args.config), args.key)
+        link = signed_link(args.url, key_id, secret, int(time.time() + args.expires), args.method)
+    except ValueError as error:  # (ConfigError too)
+        print(f"fileproxy sign: error: {error}", file=sys.stderr)
+        return 2
+    print(link)
+    return 0

@@ -1,7 +1,8 @@
 """Python client for fileproxy: async tasks (submit, status, wait, result, cancel) and resumable
-downloads (after a drop, and across runs as `wget -c` does), sync and async, and a CLI:
+downloads (after a drop, and across runs as `wget -c` does), sync and async, signed links
+(sign_url), and a CLI (--sign-key ID=SECRET signs each request, valid for an hour):
 
-    python -m fileproxy.client get URL -o FILE [--no-continue]
+    python -m fileproxy.client [--sign-key ID=SECRET] get URL -o FILE [--no-continue]
     python -m fileproxy.client submit --base URL METHOD PATH [--data FILE]
     python -m fileproxy.client wait --base URL TASK_ID [--timeout S]
 """
@@ -14,6 +15,7 @@ import json
 import os
 import random
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,10 +25,21 @@ from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 import aiohttp
 
+from fileproxy.config import parse_signing_key
+from fileproxy.features.signing import signed_link
+
 if TYPE_CHECKING:
     from tqdm import tqdm
 
 FINAL = frozenset({"completed", "failed", "cancelled"})
+# How long the links a client with a signing key makes work (each request gets a fresh one).
+SIGNED_LINK_LIFETIME = 3600.0
+
+
+def sign_url(url: str, key_id: str, secret: str, expires_in: float, method: str = "GET") -> str:
+    """url signed for method (fp-expires, fp-key, fp-signature), working for expires_in seconds:
+    what `fileproxy sign` prints, for paths under --require-signature."""
+    return signed_link(url, key_id, secret, int(time.time() + expires_in), method)
 
 
 class DownloadError(Exception):
@@ -42,10 +55,13 @@ class TaskResult:
 
 class AsyncClient:
     def __init__(self, base_url: str = "", *, admin_prefix: str = "/_fileproxy",
-                 token: str | None = None, timeout: float = 60.0) -> None:
+                 token: str | None = None, timeout: float = 60.0,
+                 sign_key: tuple[str, str] | None = None) -> None:
+        """sign_key: (id, secret) to sign every download and task submission with."""
         self.base_url = base_url.rstrip("/")
         self.admin_prefix = admin_prefix
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.sign_key = sign_key
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
         self._session: aiohttp.ClientSession | None = None
 
@@ -69,14 +85,20 @@ class AsyncClient:
     def task_url(self, task_id: str, suffix: str = "") -> str:
         return f"{self.base_url}{self.admin_prefix}/tasks/{task_id}{suffix}"
 
+    def signed(self, url: str, method: str) -> str:
+        """url signed afresh when the client has a signing key, else url."""
+        if self.sign_key is None:
+            return url
+        return sign_url(url, *self.sign_key, SIGNED_LINK_LIFETIME, method)
+
     # -- tasks
 
     async def submit(self, method: str, path: str, body: bytes | None = None,
                      headers: Mapping[str, str] | None = None) -> str:
         """Hand a request to fileproxy to run in the background; returns the task id."""
         sent = {**self.headers, **(headers or {}), "Prefer": "respond-async"}
-        async with self.session.request(method, self.base_url + path, data=body,
-                                        headers=sent) as response:
+        async with self.session.request(method, self.signed(self.base_url + path, method),
+                                        data=body, headers=sent) as response:
             if response.status != 202:
                 raise aiohttp.ClientResponseError(response.request_info, (), status=response.status,
                                                   message=await response.text())
@@ -144,7 +166,7 @@ class AsyncClient:
         """One GET: from where the trusted part of the file ends, or the whole object."""
         offset = await asyncio.to_thread(state.trusted_size)
         headers = {**self.headers, **state.range_headers(offset)}
-        async with self.session.get(state.url, headers=headers) as response:
+        async with self.session.get(self.signed(state.url, "GET"), headers=headers) as response:
             start = state.start_of(response.status, response.headers, offset)
             if response.status == 416:  # the file was already whole
                 bar.start(start, start)
@@ -398,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fileproxy.client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--token", help="admin bearer token, if the proxy wants one")
+    parser.add_argument("--sign-key", metavar="ID=SECRET", type=signing_key,
+                        help="sign each download and submission with this key (signed links)")
     commands = parser.add_subparsers(dest="command", required=True)
     get = commands.add_parser("get", help="download, resuming after drops and where an earlier run stopped")
     get.add_argument("url")
@@ -417,10 +441,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def signing_key(text: str) -> tuple[str, str]:
+    """--sign-key ID=SECRET as (id, secret)."""
+    try:
+        key_id, _, secret = parse_signing_key(text).partition("=")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return key_id, secret
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a download that could not be completed exits with 1."""
     args = build_parser().parse_args(argv)
-    with Client(getattr(args, "base", ""), token=args.token) as client:
+    with Client(getattr(args, "base", ""), token=args.token, sign_key=args.sign_key) as client:
         if args.command == "get":
             try:
                 print(client.download(args.url, args.output, retries=args.retries, resume=args.resume))

@@ -562,12 +562,18 @@ class Config:
                               "(e.g. --upstream http://127.0.0.1:8000)")
         if bool(self.certfile) != bool(self.keyfile):
             raise ConfigError("--certfile and --keyfile: HTTPS needs both")
+        key_ids = [key.partition("=")[0] for key in self.signing_key]
+        if len(set(key_ids)) != len(key_ids):
+            raise ConfigError("--signing-key: a key id is given twice")
+        if self.require_signature and not self.signing_key:
+            raise ConfigError("--require-signature needs at least one --signing-key")
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
 
 SETTINGS = {f.name: f for f in fields(Config)}
+SECRET_SETTINGS = frozenset({"signing_key"})  # never echoed in an error
 
 
 def flag_name(name: str) -> str:
@@ -591,7 +597,9 @@ def coerce(name: str, raw: Any, source: str) -> Any:
             return raw
         return parse(raw)
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"{flag_name(name)} (from {source}): {error} (got {raw!r})") from None
+        shown = "the value is not shown: it holds secrets" if name in SECRET_SETTINGS \
+            else f"got {raw!r}"
+        raise ConfigError(f"{flag_name(name)} (from {source}): {error} ({shown})") from None
 
 
 def values_from_file(path: str) -> dict[str, Any]:

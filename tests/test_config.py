@@ -90,3 +90,24 @@ def test_env_value_errors_say_where_they_came_from():
 def test_config_requires_an_upstream():
     with pytest.raises(ConfigError):
         Config()
+
+
+def test_signing_keys_are_checked_together_and_never_echoed():
+    with pytest.raises(ConfigError, match="given twice"):
+        load_config({"upstream": ["http://u"], "signing_key": ["a=" + "s" * 16, "a=" + "t" * 16]},
+                    environ={})
+    with pytest.raises(ConfigError, match="needs at least one --signing-key"):
+        load_config({"upstream": ["http://u"], "require_signature": ["/private/"]}, environ={})
+    with pytest.raises(ConfigError) as refused:
+        load_config({"upstream": ["http://u"], "signing_key": ["k=tooshortsecret"]}, environ={})
+    assert "tooshortsecret" not in str(refused.value)
+
+
+def test_https_needs_a_certificate_and_its_key(tmp_path):
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    with pytest.raises(ConfigError, match="needs both"):
+        load_config({"upstream": ["http://u"], "certfile": str(cert)}, environ={})
+    with pytest.raises(ConfigError, match=r"--keyfile.*does not exist"):
+        load_config({"upstream": ["http://u"], "certfile": str(cert),
+                     "keyfile": str(tmp_path / "missing.key")}, environ={})

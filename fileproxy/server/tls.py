@@ -39,11 +39,32 @@ def load_certificate(context: ssl.SSLContext, config: Config) -> None:
     try:
         context.load_cert_chain(config.certfile, config.keyfile)
     except ssl.SSLError as error:
-        raise CertificateError(f"--certfile {config.certfile} / --keyfile {config.keyfile}: "
-                               f"{error.reason or error}") from None
+        raise CertificateError(why_unusable(config, error)) from None
     except OSError as error:
         raise CertificateError(f"--certfile {config.certfile} / --keyfile {config.keyfile}: "
                                f"{error.strerror or error}") from None
+
+
+def why_unusable(config: Config, error: ssl.SSLError) -> str:
+    """OpenSSL's reason in words a user can act on (its own is often just "PEM lib")."""
+    if not pem_holds(config.certfile, "CERTIFICATE"):
+        return f"--certfile {config.certfile}: no PEM certificate in it"
+    if not pem_holds(config.keyfile, "PRIVATE KEY"):
+        return f"--keyfile {config.keyfile}: no PEM private key in it"
+    if error.reason == "KEY_VALUES_MISMATCH":
+        return f"--keyfile {config.keyfile} is not the key of --certfile {config.certfile}"
+    return f"--certfile {config.certfile} / --keyfile {config.keyfile}: {error.reason or error}"
+
+
+def pem_holds(path: str, kind: str) -> bool:
+    """Does the file hold a PEM block of this kind (CERTIFICATE, ... PRIVATE KEY)?"""
+    try:
+        with open(path, encoding="latin-1") as handle:
+            text = handle.read(1 << 20)
+    except OSError:
+        return False
+    return any(line.startswith("-----BEGIN ") and line.rstrip().endswith(f"{kind}-----")
+               for line in text.splitlines())
 
 
 def reload_certificate(context: ssl.SSLContext | None, config: Config) -> None:
