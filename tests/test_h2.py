@@ -27,6 +27,7 @@ from fileproxy.app import build_runner
 from fileproxy.config import Config
 from fileproxy.server.tls import server_context
 from tests.conftest import Served
+from tests.origin import build_origin
 from tests.pattern import pattern_sha256
 
 MIB = 1024 * 1024
@@ -370,3 +371,31 @@ async def test_a_truncated_upstream_body_resets_the_stream(origin, make_proxy):
     async with httpx.AsyncClient(http2=True, http1=False) as client:
         with pytest.raises(httpx.HTTPError):
             await client.get(f"{proxy.url}/truncate?size=1000000&send=300000")
+
+
+@pytest.fixture
+async def tls_origin(certificate: tuple[str, str]) -> AsyncIterator[Served]:
+    """The test origin over HTTPS."""
+    runner = web.AppRunner(build_origin(), access_log=None)
+    await runner.setup()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*certificate)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    yield Served(f"https://127.0.0.1:{runner.addresses[0][1]}", runner)
+    await runner.cleanup()
+
+
+async def test_https_upstreams_are_verified_against_the_ca_given(tls_origin, make_proxy, client,
+                                                                 certificate):
+    """An https:// upstream goes through aiohttp's client, verified: with --upstream-ca that
+    signed its certificate the body arrives byte-exact; without it, a 502 and no body."""
+    trusted = await make_proxy(tls_origin.url, upstream_ca=certificate[0])
+    size = 6 * MIB + 3
+    async with client.get(f"{trusted.url}/bytes/{size}?seed=5") as response:
+        assert response.status == 200
+        assert hashlib.sha256(await response.read()).hexdigest() == pattern_sha256(size, seed=5)
+    untrusted = await make_proxy(tls_origin.url)
+    async with client.get(f"{untrusted.url}/bytes/10") as response:
+        assert response.status == 502
+        assert "certificate" in (await response.text()).lower()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import aiohttp
@@ -46,6 +47,7 @@ def make_session(config: Config) -> ClientSession:
         keepalive_timeout=config.upstream_keepalive,
         ttl_dns_cache=config.dns_ttl,
         socket_factory=SocketOptions.from_config(config).upstream_socket_factory,
+        ssl=upstream_tls(config),
     )
     timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=config.connect_timeout,
                                     sock_read=config.read_timeout)
@@ -61,6 +63,11 @@ def make_session(config: Config) -> ClientSession:
         max_line_size=UPSTREAM_MAX_FIELD_SIZE,
         request_class=TransparentClientRequest,
     )
+
+
+def upstream_tls(config: Config) -> ssl.SSLContext:
+    """https:// upstreams are verified: against --upstream-ca, else the system's CAs."""
+    return ssl.create_default_context(cafile=config.upstream_ca or None)
 
 
 UpstreamResponse = ClientResponse | LeanResponse
