@@ -1,63 +1,14 @@
-"""Production gunicorn settings for fileproxy; the values users tune come from fileproxy's Config."""
+"""Production gunicorn settings for fileproxy, for running gunicorn itself: `gunicorn -c gunicorn.conf.py`."""
 
-import os
+# The settings and hooks live in the package, fileproxy/server/gunicorn_settings.py, each explained
+# in one line there: `fileproxy serve` (installed with pip, or `./run.sh`) loads that module
+# itself and needs no file here. This file is for running gunicorn directly:
+#
+#     FILEPROXY_CONFIG=/etc/fileproxy/fileproxy.toml gunicorn -c gunicorn.conf.py
+#
+# The values users tune (bind, workers, keep-alive, graceful timeout, log level, socket options)
+# come from fileproxy's Config: FILEPROXY_* env vars and the FILEPROXY_CONFIG TOML file
+# (examples/fileproxy.toml lists every setting). A gunicorn setting assigned below the import
+# overrides the package's value for this deployment.
 
-from fileproxy.config import active_config
-from fileproxy.observability import metrics
-from fileproxy.upstream.sockets import SocketOptions
-
-_config = active_config()  # --flags via `./run.sh`, or FILEPROXY_* env / FILEPROXY_CONFIG file
-
-# Where clients connect (--bind, FILEPROXY_BIND); gunicorn owns the listening sockets.
-bind = [_config.bind]
-# Worker processes (--workers, FILEPROXY_WORKERS; default 2 per CPU): each runs its own event loop.
-workers = _config.workers
-# aiohttp on uvloop: one event loop per worker streams thousands of transfers at once.
-worker_class = "aiohttp.GunicornUVLoopWebWorker"
-# The worker factory returns fileproxy's tuned AppRunner (keep-alive, limits, handler cancellation).
-wsgi_app = "fileproxy.app:gunicorn_app"
-# Idle client keep-alive; clients 300 ms away need far more than gunicorn's 2 s (the runner uses it).
-keepalive = int(_config.client_keepalive)
-# A stopping worker lets running transfers finish this long before they are cut (SIGTERM, reload).
-graceful_timeout = int(_config.graceful_timeout)
-# Heartbeat: an async worker reports every second; one silent this long is stuck and replaced.
-timeout = 60
-# Recycle workers after this many requests (a guard against slow leaks; at 7,000 small requests/s
-# per worker that is every few minutes), with jitter so they never all restart at once.
-max_requests = 2_000_000
-max_requests_jitter = 200_000
-# Heartbeat files on tmpfs, so a slow or busy disk never makes a healthy worker look dead.
-worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
-# Pending connections the kernel queues per listener before refusing; bursts of clients fit.
-backlog = 2048
-# gunicorn's own log to stderr; the per-request access log is written by the aiohttp runner.
-errorlog = "-"
-loglevel = _config.log_level
-# Requests are logged by fileproxy's runner (bytes and duration per line), not by gunicorn.
-accesslog = None
-# No shared control socket: several fileproxy instances on one host would fight over its path.
-control_socket_disable = True
-# Keep the process name recognisable in ps/top.
-proc_name = "fileproxy"
-
-
-def on_starting(server):
-    """A fresh directory where every worker's metrics meet (prometheus-client multiprocess)."""
-    metrics.prepare_multiprocess_dir()
-
-
-def child_exit(server, worker):
-    """A worker that exited no longer counts in live gauges (active requests, queue, ...)."""
-    metrics.worker_exited(worker.pid)
-
-
-def on_exit(server):
-    metrics.remove_multiprocess_dir()
-
-
-def when_ready(server):
-    """Tune the listening sockets before workers start: accepted sockets inherit buffers and
-    congestion control from them (aiohttp sets TCP_NODELAY on each accepted socket)."""
-    options = SocketOptions.from_config(_config)
-    for listener in server.LISTENERS:
-        options.apply_to_listener(listener.sock)
+from fileproxy.server.gunicorn_settings import *  # noqa: F403

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one entry point: bootstraps .venv on first use, then serve / dev / sign / test / bench.
-#   ./run.sh [serve] --upstream URL [flags]   gunicorn with gunicorn.conf.py (the deployment)
+#   ./run.sh [serve] --upstream URL [flags]   gunicorn (fileproxy/server/gunicorn_settings.py)
 #   ./run.sh dev --upstream URL [flags]       one process, for debugging
 #   ./run.sh sign URL [--key ID] [flags]      print a signed link (./run.sh sign --help)
 #   ./run.sh test [pytest args]               the test suite

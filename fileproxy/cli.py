@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fileproxy", argument_default=argparse.SUPPRESS,
         description="Streaming HTTP reverse proxy for large files over poor networks. "
-                    "serve (default): gunicorn with gunicorn.conf.py; dev: one process; "
+                    "serve (default): gunicorn with the package's settings; dev: one process; "
                     "sign: print a signed link (fileproxy sign --help).",
         epilog=f"Every flag can also come from an env var (FILEPROXY_<NAME>) or a TOML file "
                f"(--config or {CONFIG_FILE_ENV}); the command line wins, then env, then file.")

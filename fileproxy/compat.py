@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable, Iterable
 from importlib.metadata import version
 from typing import Any
@@ -16,6 +17,7 @@ from aiohttp.http_parser import SINGLETON_HEADERS, HttpRequestParserPy, RawReque
 from aiohttp.payload import Payload
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler, RequestPayloadError
+from aiohttp.worker import GunicornUVLoopWebWorker
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -273,3 +275,16 @@ def make_request(server: web.Server, message: RawRequestMessage, payload: Stream
                  task: asyncio.Task[None]) -> web.BaseRequest:
     """The application's request object for a head that did not come through its own parser."""
     return server.request_factory(message, payload, flow, writer, task)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- aiohttp's gunicorn worker
+
+class ContextWorker(GunicornUVLoopWebWorker):
+    """aiohttp's uvloop gunicorn worker, its TLS context made by `server_tls` rather than from
+    gunicorn's ssl settings (GunicornWebWorker._create_ssl_context, which knows no ALPN)."""
+
+    def server_tls(self) -> ssl.SSLContext | None:
+        raise NotImplementedError
+
+    def _create_ssl_context(self, cfg: Any) -> ssl.SSLContext | None:  # type: ignore[override]
+        return self.server_tls()

@@ -643,7 +643,7 @@ _active: Config | None = None
 
 
 def activate(config: Config) -> None:
-    """Make `config` the one gunicorn.conf.py and the worker app factory read."""
+    """Make `config` the one the gunicorn settings and the worker app factory read."""
     global _active
     _active = config
 

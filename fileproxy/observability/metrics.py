@@ -20,7 +20,7 @@ from fileproxy.compat import connector_sizes, histogram_add
 from fileproxy.core.exchange import NOT_FAILURES, Exchange
 from fileproxy.policy.breaker import STATES
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by gunicorn.conf.py before workers start
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by the gunicorn settings before workers start
 OWN_DIR_ENV = "FILEPROXY_OWNS_METRICS_DIR"  # the directory is ours to remove at exit
 # How a gauge's values from several workers add up (prometheus_client's multiprocess modes).
 GaugeMode = Literal["livesum", "livemax", "min", "max"]

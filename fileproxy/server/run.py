@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -18,34 +19,57 @@ from pathlib import Path
 
 from aiohttp import web
 from gunicorn.app.base import Application
+from gunicorn.arbiter import Arbiter
 
 from fileproxy.app import build_runner, configure_logging, gunicorn_app
 from fileproxy.config import Config, activate
 from fileproxy.loops import loop_factory
+from fileproxy.server.tls import reload_certificate, server_context
 from fileproxy.upstream.sockets import SocketOptions
 
-GUNICORN_CONF = Path(__file__).resolve().parents[2] / "gunicorn.conf.py"
+# gunicorn's settings and hooks: a module of the package, so an installed `fileproxy serve` needs
+# no file (the checkout's gunicorn.conf.py star-imports it for a plain `gunicorn -c`).
+GUNICORN_SETTINGS = "python:fileproxy.server.gunicorn_settings"
 
 
 class GunicornServer(Application):
-    """gunicorn with gunicorn.conf.py, which reads the activated Config (not gunicorn's argv)."""
+    """gunicorn with fileproxy.server.gunicorn_settings, which reads the activated Config (not
+    gunicorn's argv); it is imported once, when gunicorn first loads its settings (after activate)."""
 
     def load_config(self) -> None:
-        self.load_config_from_file(str(GUNICORN_CONF))
+        self.load_config_from_module_name_or_filename(GUNICORN_SETTINGS)
 
     def init(self, parser: object, opts: object, args: object) -> None:
-        """Unused: settings come from gunicorn.conf.py, never from gunicorn's own argv."""
+        """Unused: settings come from GUNICORN_SETTINGS, never from gunicorn's own argv."""
 
     # gunicorn's stubs know WSGI and ASGI apps only; aiohttp's gunicorn worker takes this factory.
     def load(self) -> Callable[[], Awaitable[web.AppRunner]]:  # type: ignore[override]
         return gunicorn_app
 
+    def run(self) -> None:
+        """As gunicorn's BaseApplication.run, with fileproxy's master."""
+        try:
+            CertificateArbiter(self).run()
+        except RuntimeError as error:
+            print(f"fileproxy: error: {error}", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+
+class CertificateArbiter(Arbiter):
+    """gunicorn's master, but with HTTPS a SIGHUP makes each worker read its certificate again
+    in place, so no running transfer is cut (gunicorn's own SIGHUP replaces the workers, which
+    end their transfers within the graceful timeout). Without HTTPS, gunicorn's SIGHUP."""
+
+    def handle_hup(self) -> None:
+        if not self.cfg.is_ssl:
+            super().handle_hup()
+            return
+        if self.log is not None:
+            self.log.info("Hang up: the workers read their certificate again")
+        self.kill_workers(signal.SIGHUP)
+
 
 def run_gunicorn(config: Config) -> int:
-    if not GUNICORN_CONF.is_file():
-        print(f"fileproxy: error: {GUNICORN_CONF} is missing; run from a fileproxy checkout "
-              "or use `fileproxy dev`", file=sys.stderr)
-        return 2
     with shared_state(config) as config:
         activate(config)
         GunicornServer().run()
@@ -153,25 +177,28 @@ def listen_socket(config: Config) -> socket.socket:
     return sock
 
 
-async def start_site(runner: web.AppRunner, config: Config) -> web.BaseSite:
+async def start_site(runner: web.AppRunner, config: Config,
+                     tls: ssl.SSLContext | None = None) -> web.BaseSite:
     if config.bind.startswith("unix:"):
-        site: web.BaseSite = web.UnixSite(runner, config.bind[5:])
+        site: web.BaseSite = web.UnixSite(runner, config.bind[5:], ssl_context=tls)
     else:
-        site = web.SockSite(runner, listen_socket(config))
+        site = web.SockSite(runner, listen_socket(config), ssl_context=tls)
     await site.start()
     return site
 
 
 async def serve_until_signalled(config: Config) -> None:
+    tls = server_context(config)
     runner = build_runner(config)
     await runner.setup()
-    await start_site(runner, config)
-    print(f"fileproxy dev: listening on {config.bind}, forwarding to "
+    await start_site(runner, config, tls)
+    print(f"fileproxy dev: listening on {config.bind}{' (TLS)' if tls else ''}, forwarding to "
           f"{', '.join(config.upstream)}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_certificate, tls, config)
     await stop.wait()
     await runner.cleanup()
 
