@@ -228,7 +228,10 @@ def start_fileproxy(origin: Running, work: Workdir, extra: list[str],
     process = place.spawn([sys.executable, "-m", "fileproxy", "serve", "--upstream", origin.url,
                            "--bind", f"{place.host}:{port}", "--workers", str(WORKERS),
                            "--no-access-log", *extra], log=work.path / "fileproxy.log")
-    running = Running("fileproxy", place.url(port), process, note=" ".join(extra))
+    url = place.url(port)
+    if "--certfile" in extra:
+        url = url.replace("http://", "https://", 1)
+    running = Running("fileproxy", url, process, note=" ".join(extra))
     place.wait(running.url + "/_fileproxy/health", process)
     return running
 
@@ -289,6 +292,49 @@ def start_naive(origin: Running, work: Workdir, place: Place = LOOPBACK) -> Runn
                       note="session per request, 16 KiB iter_chunked, asyncio loop")
     place.wait(running.url + "/", process)
     return running
+
+
+# ---------------------------------------------------------------- TLS (HTTP/1.1 and h2 by ALPN)
+
+NGINX_TLS_PROXY = NGINX_PROXY.replace(
+    "listen {host}:{port} backlog=4096;",
+    "listen {host}:{port} ssl http2 backlog=4096;\n"
+    "    ssl_certificate {cert};\n    ssl_certificate_key {key};\n"
+    "    ssl_protocols TLSv1.3;\n    ssl_session_cache shared:tls:10m;\n"
+    "    http2_body_preread_size 1m;")
+
+
+def make_certificate(work: Workdir) -> tuple[str, str]:
+    """A self-signed P-256 certificate for 127.0.0.1 and its key (openssl)."""
+    cert, key = work.path / "tls.pem", work.path / "tls.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                    "/CN=bench", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+                    "-out", str(cert)], check=True, capture_output=True)
+    key.chmod(0o644)  # (nginx reads it as root before dropping privileges, but be plain)
+    return str(cert), str(key)
+
+
+def start_tls_proxies(origin: Running, work: Workdir, fileproxy_flags: list[str]
+                      ) -> tuple[list[Running], list[str]]:
+    """fileproxy and nginx serving HTTPS (TLS 1.3; h2 and http/1.1 by ALPN) on loopback."""
+    cert, key = make_certificate(work)
+    fileproxy = start_fileproxy(origin, work, [*fileproxy_flags, "--certfile", cert,
+                                               "--keyfile", key, "--tls-min-version", "1.3"])
+    started = [Running("fileproxy TLS", fileproxy.url, fileproxy.process,
+                       note="--certfile, --tls-min-version 1.3")]
+    if not shutil.which("nginx"):
+        return started, ["nginx TLS: nginx not installed, row skipped"]
+    port = free_port()
+    conf = work.file("proxy-nginx-tls.conf", NGINX_TLS_PROXY.format(
+        workers=WORKERS, dir=work.path, host=LOOPBACK.host, port=port,
+        origin=hostport(origin.url), cert=cert, key=key))
+    process = LOOPBACK.spawn(["nginx", "-p", str(work.path), "-c", str(conf)],
+                             log=work.path / "nginx-tls.log")
+    nginx = Running("nginx TLS", f"https://{LOOPBACK.host}:{port}", process,
+                    note="ssl_protocols TLSv1.3, http2, the proxy settings of the nginx row")
+    wait_http(nginx.url + "/", process)
+    return [*started, nginx], []
 
 
 def start_proxies(origin: Running, work: Workdir, fileproxy_flags: list[str],
