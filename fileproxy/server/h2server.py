@@ -29,6 +29,7 @@ import h2.exceptions
 import h2.settings
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 
 from fileproxy.compat import EMPTY_BODY, PayloadFlow, body_reader, make_request, request_message
@@ -46,6 +47,7 @@ CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection",
                                  "transfer-encoding", "upgrade"})
 FORBIDDEN_IN_VALUES = (b"\r", b"\n", b"\x00")
 DEFAULT_WINDOW = 65535  # every HTTP/2 window's size before SETTINGS or WINDOW_UPDATE
+BULK = 256 << 10  # DATA bytes queued before they are written at once (and backpressure heeded)
 
 
 class Host(Protocol):
@@ -113,8 +115,11 @@ class H2Connection(asyncio.Protocol):
     def __init__(self, host: Host) -> None:
         self.host = host
         config = host.config
+        # Inbound fields are validated (RFC 9113 8.2, 8.3); outbound ones are built here from
+        # fields already checked, so h2's second look at each response is skipped.
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, header_encoding=None))
+            client_side=False, header_encoding=None, validate_outbound_headers=False,
+            normalize_outbound_headers=False))
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: config.h2_window,
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: config.h2_max_streams,
@@ -125,6 +130,7 @@ class H2Connection(asyncio.Protocol):
         self.closing = False
         self._writable: asyncio.Future[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._flush_due = False
 
     # -- asyncio.Protocol
 
@@ -215,9 +221,18 @@ class H2Connection(asyncio.Protocol):
     # -- output
 
     def flush(self) -> None:
+        """Frames h2 has queued go out now."""
+        self._flush_due = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+    def flush_soon(self) -> None:
+        """Frames go out once this turn of the event loop is over: the frames of every stream
+        that answered in it leave in one write (one TLS record, one system call)."""
+        if not self._flush_due:
+            self._flush_due = True
+            self.loop.call_soon(self.flush)
 
     async def writable(self) -> None:
         """Until the transport's buffer is below its high-water mark (or the connection ended)."""
@@ -284,7 +299,7 @@ class H2Stream:
         self.connection = connection
         self.id = stream_id
         self.flow = StreamFlow(self)
-        self.body = body_reader(self.flow, connection.host.config.read_size)
+        self.body: StreamReader | None = None  # (none for a request that has no body)
         self.unacknowledged = 0
         self.closed = False
         self.task: asyncio.Task[None] | None = None
@@ -295,11 +310,11 @@ class H2Stream:
         return self.connection.h2
 
     def start(self, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
-        if ended:
-            self.body.feed_eof()
+        if not ended:
+            self.body = body_reader(self.flow, self.connection.host.config.read_size)
         self.started = time.monotonic()
         self.task = asyncio.get_running_loop().create_task(
-            self.run(request_message(*as_http1(headers)), EMPTY_BODY if ended else self.body))
+            self.run(request_message(*as_http1(headers)), self.body or EMPTY_BODY))
 
     async def run(self, message: Any, body: Any) -> None:
         """The application answers the request; the response goes out as frames."""
@@ -351,13 +366,14 @@ class H2Stream:
 
     def data(self, data: bytes, flow_controlled_length: int) -> None:
         self.unacknowledged += flow_controlled_length
-        if data and not self.closed:
+        if data and not self.closed and self.body is not None:
             self.body.feed_data(data)
         if not self.flow.paused or self.closed:
             self.acknowledge()
 
     def ended(self) -> None:
-        self.body.feed_eof()
+        if self.body is not None:
+            self.body.feed_eof()
 
     def acknowledge(self) -> None:
         """Open the windows again for the bytes received and taken."""
@@ -367,7 +383,7 @@ class H2Stream:
                 self.machine.acknowledge_received_data(count, self.id)
             except h2.exceptions.StreamClosedError:
                 self.machine.increment_flow_control_window(count)
-            self.connection.flush()
+            self.connection.flush_soon()
 
     def reset_by_client(self, error_code: int) -> None:
         log.debug("HTTP/2 stream %d reset by the client (%s)", self.id, error_code)
@@ -377,7 +393,8 @@ class H2Stream:
     def lost(self) -> None:
         """The client reset the stream or left: its request is cancelled (and its upstream one)."""
         self.closed = True
-        self.body.set_exception(ConnectionResetError("the client reset the stream"))
+        if self.body is not None:
+            self.body.set_exception(ConnectionResetError("the client reset the stream"))
         self._window.set()
         if self.task is not None and not self.task.done():
             self.task.cancel()
@@ -392,18 +409,19 @@ class H2Stream:
             self.machine.reset_stream(self.id, code)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             return
-        self.connection.flush()
+        self.connection.flush_soon()
 
     def send_headers(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
         self.check_open()
         self.machine.send_headers(self.id, headers, end_stream=end)
-        self.connection.flush()
+        self.connection.flush_soon()
         if end:
             self.closed = True
 
     async def send_data(self, data: bytes, end: bool) -> None:
-        """DATA frames as the stream's and the connection's windows allow."""
-        sent = 0
+        """DATA frames as the stream's and the connection's windows allow (a large chunk's
+        frames leave as they are made, small ones with the rest of this loop turn's)."""
+        sent = flushed = 0
         while sent < len(data) or end:
             self.check_open()
             window = min(self.machine.local_flow_control_window(self.id),
@@ -416,8 +434,12 @@ class H2Stream:
             sent += len(piece)
             last = end and sent >= len(data)
             self.machine.send_data(self.id, piece, end_stream=last)
-            self.connection.flush()
-            await self.connection.writable()
+            if sent - flushed >= BULK:
+                flushed = sent
+                self.connection.flush()
+                await self.connection.writable()
+            else:
+                self.connection.flush_soon()
             if last:
                 self.closed = True
                 return
