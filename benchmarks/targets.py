@@ -45,7 +45,7 @@ class Place:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
-            probe = subprocess.run(self.command(["curl", "-s", "-o", "/dev/null", "-m", "1",
+            probe = subprocess.run(self.command(["curl", "-s", "-k", "-o", "/dev/null", "-m", "1",
                                                  url]), check=False)
             if probe.returncode == 0:
                 return

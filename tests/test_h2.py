@@ -273,8 +273,15 @@ class RawH2:
 
     @classmethod
     async def open(cls, url: str) -> RawH2:
-        host, port = url.removeprefix("http://").split(":")
-        return cls(*await asyncio.open_connection(host, int(port)))
+        """h2c, or h2 by ALPN for an https:// URL."""
+        scheme, _, address = url.partition("://")
+        host, port = address.split(":")
+        context = None
+        if scheme == "https":
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            context.set_alpn_protocols(["h2"])
+        return cls(*await asyncio.open_connection(host, int(port), ssl=context))
 
     async def flush(self) -> None:
         self.writer.write(self.h2.data_to_send())
@@ -399,3 +406,47 @@ async def test_https_upstreams_are_verified_against_the_ca_given(tls_origin, mak
     async with client.get(f"{untrusted.url}/bytes/10") as response:
         assert response.status == 502
         assert "certificate" in (await response.text()).lower()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["h2c", "h2"])
+async def test_an_idle_h2_connection_does_not_hold_shutdown_up(origin, make_proxy,
+                                                               make_tls_proxy, tls):
+    """A stopping worker sends GOAWAY and closes an HTTP/2 connection with no stream open at
+    once (the graceful timeout is for transfers, not for idle clients), even when the client
+    does not answer TLS's close (it keeps the connection and reads nothing)."""
+    proxy = await (make_tls_proxy if tls else make_proxy)(origin.url, graceful_timeout=30)
+    client = await RawH2.open(proxy.url)
+    try:
+        client.h2.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"),
+                                   (b":authority", b"localhost"), (b":path", b"/bytes/10")],
+                               end_stream=True)
+        await client.flush()
+        await client.until(ended(1))
+        client.writer.transport.pause_reading()  # (TLS's close is never answered)
+        started = asyncio.get_running_loop().time()
+        assert proxy.runner is not None
+        await asyncio.wait_for(proxy.runner.cleanup(), 60)
+        assert asyncio.get_running_loop().time() - started < 3
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "aiohttp-server"])
+async def test_an_idle_https_keep_alive_connection_does_not_hold_shutdown_up(
+        origin, make_tls_proxy, fast_path):
+    proxy = await make_tls_proxy(origin.url, graceful_timeout=30, fast_path=fast_path)
+    host, port = proxy.url.removeprefix("https://").split(":")
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    reader, writer = await asyncio.open_connection(host, int(port), ssl=context)
+    try:
+        writer.write(b"GET /bytes/10 HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and len(await reader.readexactly(10)) == 10
+        writer.transport.pause_reading()  # (TLS's close is never answered)
+        started = asyncio.get_running_loop().time()
+        assert proxy.runner is not None
+        await asyncio.wait_for(proxy.runner.cleanup(), 60)
+        assert asyncio.get_running_loop().time() - started < 3
+    finally:
+        writer.close()

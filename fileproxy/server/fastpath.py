@@ -437,6 +437,9 @@ class FastConnection(asyncio.Protocol):
             self.next_request()
 
     def close(self) -> None:
+        """Closed for this server from now on (a TLS client that never answers the close
+        keeps the socket until the TLS shutdown times out; shutdown does not wait for that)."""
+        self.server.connections.discard(self)
         if self.transport is not None:
             self.transport.close()
 

@@ -268,6 +268,9 @@ class H2Connection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
+        """Closed for this server from now on (a TLS client that never answers the close
+        keeps the socket until the TLS shutdown times out; shutdown does not wait for that)."""
+        self.host.connections.discard(self)
         if self.transport is not None:
             self.transport.close()
 
