@@ -450,3 +450,32 @@ async def test_an_idle_https_keep_alive_connection_does_not_hold_shutdown_up(
         assert asyncio.get_running_loop().time() - started < 3
     finally:
         writer.close()
+
+
+async def test_a_client_that_asks_without_reading_is_not_read_either(origin, make_proxy):
+    """Requests keep coming but the client reads no answer: once the output buffer is full the
+    server stops reading the connection, so what it holds for the client stays bounded."""
+    proxy = await make_proxy(origin.url)
+    client = await RawH2.open(proxy.url)
+    try:
+        client.writer.transport.pause_reading()  # (never reads: the answers pile up)
+        client.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        client.h2.increment_flow_control_window(2**31 - 1 - 65535)  # (flow control allows it)
+        await client.flush()
+        sent = 0
+        for stream_id in range(1, 4001, 2):
+            client.h2.send_headers(stream_id, [
+                (b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"localhost"),
+                (b":path", b"/bytes/65536")], end_stream=True)
+            client.writer.write(client.h2.data_to_send())
+            sent += 1
+            if client.writer.transport.get_write_buffer_size() > 4 << 20:
+                break  # (the server stopped reading us: our own buffer fills)
+            await asyncio.sleep(0)
+            if sent % 50 == 0:
+                await asyncio.sleep(0.01)
+        answered = len(origin.events("bytes-sent"))
+        assert sent > 200 and answered < 400, \
+            f"{answered} of {sent} requests answered for a client that reads nothing"
+    finally:
+        client.close()

@@ -165,10 +165,16 @@ class H2Connection(asyncio.Protocol):
         self.wake_writer()
 
     def pause_writing(self) -> None:
+        """The client is not reading what it is sent: writers wait, and so do its requests (a
+        client that asks without reading never makes the output buffer grow without bound)."""
         if self._writable is None:
             self._writable = self.loop.create_future()
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
         self.wake_writer()
 
     # -- events
