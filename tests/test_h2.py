@@ -479,3 +479,50 @@ async def test_a_client_that_asks_without_reading_is_not_read_either(origin, mak
             f"{answered} of {sent} requests answered for a client that reads nothing"
     finally:
         client.close()
+
+
+async def test_ietf_resumable_upload_over_h2(origin, make_tls_proxy):
+    """The IETF draft's creation (with its 104 interim response as an HTTP/2 HEADERS frame),
+    an append and the completion, over one HTTP/2 connection: the upstream gets the upload as
+    the request it started as."""
+    proxy = await make_tls_proxy(origin.url)
+    body = bytes(range(256)) * (8 * 1024)  # 2 MiB
+    version = {"Upload-Draft-Interop-Version": "6"}
+    async with httpx.AsyncClient(http2=True, verify=False, base_url=proxy.url) as client:
+        created = await client.post("/echo/ietf?x=1", content=body[:MIB], headers={
+            **version, "Upload-Complete": "?0", "Upload-Length": str(len(body))})
+        assert created.http_version == "HTTP/2"
+        assert created.status_code == 201, created.text
+        assert created.headers["Upload-Offset"] == str(MIB)
+        location = created.headers["Location"]
+        done = await client.patch(location, content=body[MIB:], headers={
+            **version, "Upload-Offset": str(MIB), "Upload-Complete": "?1",
+            "Content-Type": "application/partial-upload"})
+        assert done.status_code == 200, done.text
+        echoed = done.json()
+    assert echoed["raw_path"] == "/echo/ietf?x=1" and echoed["method"] == "POST"
+    assert echoed["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+async def test_interim_responses_go_as_headers_frames(origin, make_proxy):
+    """104 (the IETF draft) and 100 Continue reach an HTTP/2 client as informational HEADERS
+    before the final response, never as bytes inside DATA."""
+    proxy = await make_proxy(origin.url)
+    client = await RawH2.open(proxy.url)
+    try:
+        client.h2.send_headers(1, [
+            (b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"localhost"),
+            (b":path", b"/echo/interim"), (b"upload-draft-interop-version", b"6"),
+            (b"upload-complete", b"?1"), (b"content-length", b"5")])
+        client.h2.send_data(1, b"hello", end_stream=True)
+        await client.flush()
+        await client.until(ended(1))
+    finally:
+        client.close()
+    informational = [dict(e.headers)[b":status"] for e in client.events
+                     if isinstance(e, h2.events.InformationalResponseReceived)]
+    final = [dict(e.headers)[b":status"] for e in client.events
+             if isinstance(e, h2.events.ResponseReceived)]
+    body = b"".join(e.data for e in client.events if isinstance(e, h2.events.DataReceived))
+    assert informational == [b"104"] and final == [b"200"]
+    assert json.loads(body)["body_length"] == 5
