@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import shutil
+import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -526,3 +527,30 @@ async def test_interim_responses_go_as_headers_frames(origin, make_proxy):
     body = b"".join(e.data for e in client.events if isinstance(e, h2.events.DataReceived))
     assert informational == [b"104"] and final == [b"200"]
     assert json.loads(body)["body_length"] == 5
+
+
+def handshake(port: int, context: ssl.SSLContext, session: ssl.SSLSession | None = None
+              ) -> tuple[ssl.SSLSession | None, bool]:
+    """One HTTPS request (its answer read, which takes in TLS 1.3's session ticket): the
+    session, and whether it was a resumed one."""
+    with socket.create_connection(("127.0.0.1", port)) as raw, \
+            context.wrap_socket(raw, session=session) as tls:
+        tls.sendall(b"GET /_fileproxy/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        while tls.recv(65536):
+            pass
+        return tls.session, tls.session_reused
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+async def test_tls_sessions_are_resumed(origin, make_tls_proxy, version):
+    """A client back over a long round trip skips the full handshake (tickets)."""
+    proxy = await make_tls_proxy(origin.url)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.maximum_version = ssl.TLSVersion.TLSv1_2 if version == "1.2" else \
+        ssl.TLSVersion.TLSv1_3
+    port = int(proxy.url.rsplit(":", 1)[1])
+    session, reused = await asyncio.to_thread(handshake, port, context)
+    assert session is not None and not reused
+    _, reused = await asyncio.to_thread(handshake, port, context, session)
+    assert reused
