@@ -13,14 +13,12 @@ benchmarks/results/h2net-*.
 
 from __future__ import annotations
 
-import argparse
 import secrets
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, markdown_table, median, progress, save_results
 from benchmarks.net import (
-    SCENARIOS,
     Origin,
     Run,
     curl,
@@ -28,6 +26,7 @@ from benchmarks.net import (
     goodput,
     load_run,
     open_origin,
+    run_arguments,
     verify_links,
 )
 from benchmarks.targets import Place, Running, Workdir, make_certificate, start_fileproxy
@@ -153,17 +152,7 @@ def chart(results: dict[str, dict[str, list[dict[str, Any]]]], path: Path, title
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="poor")
-    parser.add_argument("--impaired", choices=("client", "origin", "both"), default="client")
-    parser.add_argument("--repeat", type=int, help="override the scenario file's repeat")
-    parser.add_argument("--quick", action="store_true", help="one repetition")
-    parser.add_argument("--transfer-seconds", type=float,
-                        help="override the scenario file's transfer_seconds")
-    parser.add_argument("--scenarios", default=str(SCENARIOS))
-    parser.add_argument("--fileproxy-flag", action="append", default=[])
-    args = parser.parse_args()
+    args = run_arguments(__doc__).parse_args()
     require_root_and_ip()
     run = load_run(args)
     work = Workdir()

@@ -599,8 +599,10 @@ def parse_variants(specs: list[str]) -> dict[str, list[str]]:
     return variants
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+def run_arguments(description: str | None) -> argparse.ArgumentParser:
+    """The options every bad-network run takes: the profile, the impaired link, repetitions,
+    transfer length, the scenario file and flags for fileproxy."""
+    parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="poor")
     parser.add_argument("--impaired", choices=("client", "origin", "both"), default="client")
@@ -610,6 +612,11 @@ def main() -> None:
                         help="override the scenario file's transfer_seconds")
     parser.add_argument("--scenarios", default=str(SCENARIOS))
     parser.add_argument("--fileproxy-flag", action="append", default=[])
+    return parser
+
+
+def main() -> None:
+    parser = run_arguments(__doc__)
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=FLAGS",
                         help="another fileproxy row with these flags, e.g. "
                              "'segments=--upstream-segments 4'")

@@ -185,8 +185,9 @@ class H2Connection(asyncio.Protocol):
         elif isinstance(event, h2.events.DataReceived):
             if (stream := self.streams.get(event.stream_id)) is not None:
                 stream.data(event.data, event.flow_controlled_length)
-            else:  # (a stream already answered: its bytes still count for the connection)
-                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif event.flow_controlled_length:  # (a stream already answered: its bytes
+                # still count against the connection's window)
+                self.h2.increment_flow_control_window(event.flow_controlled_length)
         elif isinstance(event, (h2.events.StreamEnded, h2.events.TrailersReceived)):
             if (stream := self.streams.get(event.stream_id)) is not None:
                 stream.ended()
