@@ -1,5 +1,6 @@
-"""Every use of aiohttp's and prometheus-client's private names, in one place, with the versions they were
-tested on: start-up stops with one line on any other version."""
+"""Every use of aiohttp's, h2's and prometheus-client's private names, with the versions tested.
+
+Start-up stops with one line on any other version of these libraries."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from importlib.metadata import version
 from typing import Any
 
 import aiohttp
+import h2.connection
 from aiohttp import HttpVersion, HttpVersion11, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_parser import SINGLETON_HEADERS, HttpRequestParserPy, RawRequestMessage
@@ -24,6 +26,7 @@ from yarl import URL
 # The releases whose internals below were read and tested. A new one is added after the test
 # suite passed on it (setup.cfg admits exactly these).
 TESTED_AIOHTTP = ("3.14.4", "3.14.5")
+TESTED_H2 = ("4.4",)
 TESTED_PROMETHEUS_CLIENT = ("0.20", "0.21", "0.22", "0.23", "0.24", "0.25", "0.26")
 
 log = logging.getLogger("fileproxy.server")
@@ -44,6 +47,10 @@ def check_versions() -> None:
         raise UntestedVersion(f"aiohttp {aiohttp.__version__} is installed; fileproxy uses some of "
                               f"its internals and was tested with {', '.join(TESTED_AIOHTTP)} "
                               "(pip install -e . installs one)")
+    h2_version = ".".join(version("h2").split(".")[:2])
+    if h2_version not in TESTED_H2:
+        raise UntestedVersion(f"h2 {version('h2')} is installed; fileproxy uses some of its "
+                              f"internals and was tested with {', '.join(TESTED_H2)}")
     prometheus = version("prometheus-client")
     if ".".join(prometheus.split(".")[:2]) not in TESTED_PROMETHEUS_CLIENT:
         raise UntestedVersion(f"prometheus-client {prometheus} is installed; fileproxy uses some of "
@@ -288,3 +295,16 @@ class ContextWorker(GunicornUVLoopWebWorker):
 
     def _create_ssl_context(self, cfg: Any) -> ssl.SSLContext | None:  # type: ignore[override]
         return self.server_tls()
+
+
+# ---------------------------------------------------------------- h2's connection state
+
+def h2_connection_closed(connection: h2.connection.H2Connection) -> bool:
+    """Has the connection ended (GOAWAY sent or received; H2Connection.state_machine)?"""
+    return bool(connection.state_machine.state == h2.connection.ConnectionState.CLOSED)
+
+
+def h2_stream_open(connection: h2.connection.H2Connection, stream_id: int) -> bool:
+    """Is the stream still open in some direction (H2Connection.streams)?"""
+    stream = connection.streams.get(stream_id)
+    return stream is not None and not stream.closed

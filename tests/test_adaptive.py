@@ -79,10 +79,11 @@ async def test_fixed_count_and_off_still_mean_what_they_say(origin, make_proxy, 
 
 async def test_segments_far_ahead_of_a_slow_client_wait_in_the_spool(origin, make_proxy, client,
                                                                     tmp_path):
-    """A client slower than the upstream: finished segments beyond the in-memory window go to
-    the spool and come back in order; the body is byte-exact and no spool file is left."""
+    """A client slower than the upstream: finished segments beyond the in-memory window (here
+    four of 256 KiB) go to the spool and come back in order; the body is byte-exact and no spool
+    file is left."""
     proxy = await make_proxy(origin.url, tcp_congestion_min_rtt=0, upstream_segments_max=4,
-                             spool_dir=str(tmp_path))
+                             segment_size=256 << 10, spool_dir=str(tmp_path))
     size = 20 * MIB + 3
     digest, received = hashlib.sha256(), 0
     async with client.get(f"{proxy.url}/bytes/{size}?seed=6&rate={4 * MIB}") as response:

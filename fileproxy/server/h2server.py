@@ -32,7 +32,15 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 
-from fileproxy.compat import EMPTY_BODY, PayloadFlow, body_reader, make_request, request_message
+from fileproxy.compat import (
+    EMPTY_BODY,
+    PayloadFlow,
+    body_reader,
+    h2_connection_closed,
+    h2_stream_open,
+    make_request,
+    request_message,
+)
 from fileproxy.config import Config
 from fileproxy.core.exchange import request_id_for
 from fileproxy.http.errors import ProxyError
@@ -268,7 +276,7 @@ class H2Connection(asyncio.Protocol):
         self.closing = True
         if self.transport is None or self.transport.is_closing():
             return
-        if self.h2.state_machine.state != h2.connection.ConnectionState.CLOSED:
+        if not h2_connection_closed(self.h2):
             self.h2.close_connection()
             self.flush()
         if not self.streams:
@@ -369,8 +377,7 @@ class H2Stream:
         self.connection.stream_done(self)
 
     def client_still_sending(self) -> bool:
-        stream = self.machine.streams.get(self.id)
-        return stream is not None and not stream.closed
+        return h2_stream_open(self.machine, self.id)
 
     # -- from the client
 
