@@ -25,6 +25,7 @@ import pytest
 from aiohttp import web
 
 from fileproxy.app import build_runner
+from fileproxy.client import sign_url
 from fileproxy.config import Config
 from fileproxy.server.tls import server_context
 from tests.conftest import Served
@@ -554,3 +555,37 @@ async def test_tls_sessions_are_resumed(origin, make_tls_proxy, version):
     assert session is not None and not reused
     _, reused = await asyncio.to_thread(handshake, port, context, session)
     assert reused
+
+
+async def test_signed_links_over_h2(origin, make_tls_proxy):
+    """The signature check is the request path's: an HTTP/2 request is held to it as well."""
+    secret = "s" * 32
+    proxy = await make_tls_proxy(origin.url, signing_key=(f"k1={secret}",),
+                                 require_signature=("/bytes/",))
+    async with httpx.AsyncClient(http2=True, verify=False) as client:
+        refused = await client.get(f"{proxy.url}/bytes/100")
+        signed = await client.get(sign_url(f"{proxy.url}/bytes/100", "k1", secret, 60))
+    assert (refused.http_version, refused.status_code) == ("HTTP/2", 403)
+    assert (signed.status_code, len(signed.content)) == (200, 100)
+    assert len(origin.events("bytes-sent")) == 1
+
+
+async def test_a_client_leaving_an_h2_connection_cancels_its_upstream_requests(origin,
+                                                                              make_proxy):
+    """The connection closes mid-download (no RST_STREAM first): every stream's upstream
+    request goes at once."""
+    proxy = await make_proxy(origin.url)
+    client = await RawH2.open(proxy.url)
+    for stream_id in (1, 3):
+        client.h2.send_headers(stream_id, [
+            (b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"localhost"),
+            (b":path", b"/slow-body?rate=20000&seconds=30")], end_stream=True)
+    await client.flush()
+    await client.until(lambda events: len({e.stream_id for e in events
+                                           if isinstance(e, h2.events.DataReceived)}) == 2)
+    client.close()
+    for _ in range(500):
+        if len(origin.events("peer-gone")) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert len(origin.events("peer-gone")) == 2, "an upstream request went on"
