@@ -79,21 +79,24 @@ async def test_fixed_count_and_off_still_mean_what_they_say(origin, make_proxy, 
 
 async def test_segments_far_ahead_of_a_slow_client_wait_in_the_spool(origin, make_proxy, client,
                                                                     tmp_path):
-    """A client slower than the upstream: finished segments beyond the in-memory window (here
-    four of 256 KiB) go to the spool and come back in order; the body is byte-exact and no spool
-    file is left."""
+    """A client that stops reading: finished segments beyond the in-memory window (segments of
+    256 KiB here) go to the spool, and come back in order once it reads on; the body is
+    byte-exact and no spool file is left."""
     proxy = await make_proxy(origin.url, tcp_congestion_min_rtt=0, upstream_segments_max=4,
                              segment_size=256 << 10, spool_dir=str(tmp_path))
-    size = 20 * MIB + 3
+    size, spool = 20 * MIB + 3, tmp_path / "segments"
     digest, received = hashlib.sha256(), 0
-    async with client.get(f"{proxy.url}/bytes/{size}?seed=6&rate={4 * MIB}") as response:
+    async with client.get(f"{proxy.url}/bytes/{size}?seed=6&rate={8 * MIB}") as response:
         async for chunk in response.content.iter_chunked(MIB):
             digest.update(chunk)
             received += len(chunk)
-            await asyncio.sleep(0.15)  # (the client's pace: about 6 MiB/s)
+            if received == MIB:  # (then nothing, until segments wait in the spool)
+                for _ in range(1000):
+                    if spool.is_dir() and any(spool.iterdir()):
+                        break
+                    await asyncio.sleep(0.01)
+                assert spool.is_dir() and any(spool.iterdir()), "nothing was spilled"
     assert (digest.hexdigest(), received) == (pattern_sha256(size, seed=6), size)
-    spool = tmp_path / "segments"
-    assert spool.is_dir(), "nothing was spilled"
     assert list(spool.iterdir()) == []
 
 
