@@ -589,3 +589,24 @@ async def test_a_client_leaving_an_h2_connection_cancels_its_upstream_requests(o
             break
         await asyncio.sleep(0.01)
     assert len(origin.events("peer-gone")) == 2, "an upstream request went on"
+
+
+async def test_early_hints_reach_an_h2_client_as_informational_headers(origin, make_proxy):
+    """An upstream's 103 (the lean client passes interim responses on) goes out as a HEADERS
+    frame before the final response."""
+    proxy = await make_proxy(origin.url, lean_client=True)
+    client = await RawH2.open(proxy.url)
+    try:
+        client.h2.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"),
+                                   (b":authority", b"localhost"), (b":path", b"/early-hints")],
+                               end_stream=True)
+        await client.flush()
+        await client.until(ended(1))
+    finally:
+        client.close()
+    hints = [dict(e.headers) for e in client.events
+             if isinstance(e, h2.events.InformationalResponseReceived)]
+    final = [dict(e.headers)[b":status"] for e in client.events
+             if isinstance(e, h2.events.ResponseReceived)]
+    assert [(h[b":status"], h[b"link"]) for h in hints] == [(b"103", b"</a.css>; rel=preload")]
+    assert final == [b"200"]

@@ -266,14 +266,17 @@ def resuming(app: web.Application, relaying: Relaying, outgoing: Outgoing,
 
 
 def interim_relay(version: HttpVersion, transport: asyncio.Transport | None) -> Interim | None:
-    """Pass 1xx interim responses such as 103 Early Hints (RFC 9110 15.2) to an HTTP/1.1 client
-    ahead of the final one; 100 Continue is between the proxy and each side."""
-    if not (1, 1) <= version < (2, 0) or transport is None:  # (HTTP/2: not relayed yet)
+    """Pass 1xx interim responses such as 103 Early Hints (RFC 9110 15.2) to an HTTP/1.1 or
+    HTTP/2 client ahead of the final one (as bytes, or as the transport of an HTTP/2 stream
+    sends them: a HEADERS frame); 100 Continue is between the proxy and each side."""
+    if version < (1, 1) or transport is None:
         return None
+    send = getattr(transport, "write_interim", None) or \
+        (lambda status, headers: transport.write(interim_head(status, headers)))
 
     def relay(status: int, headers: list[tuple[bytes, bytes]]) -> None:
         if status not in (100, 101) and not transport.is_closing():
-            transport.write(interim_head(status, headers))
+            send(status, headers)
 
     return relay
 

@@ -428,6 +428,12 @@ class H2Stream:
             return
         self.connection.flush_soon()
 
+    def send_interim(self, status: int, fields: list[tuple[bytes, bytes]]) -> None:
+        """A 1xx response as a HEADERS frame before the final one (RFC 9113 8.1)."""
+        self.send_headers([(b":status", str(status).encode())] + [
+            (name.lower(), value) for name, value in fields
+            if name.decode("latin-1").lower() not in CONNECTION_SPECIFIC], False)
+
     def send_headers(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
         self.check_open()
         self.machine.send_headers(self.id, headers, end_stream=end)
@@ -549,6 +555,10 @@ class StreamTransport(asyncio.Transport):
     def get_write_buffer_size(self) -> int:
         return 0
 
+    def write_interim(self, status: int, fields: list[tuple[bytes, bytes]]) -> None:
+        """An upstream's 1xx (103 Early Hints) passed on as a HEADERS frame."""
+        self.stream.send_interim(status, fields)
+
 
 class H2Writer(AbstractStreamWriter):
     """aiohttp's response writer for a stream: the head as HEADERS, the body as DATA."""
@@ -595,7 +605,5 @@ class H2Writer(AbstractStreamWriter):
         await self.stream.connection.writable()
 
     async def write_interim(self, status: int, fields: list[tuple[bytes, bytes]]) -> None:
-        """A 1xx response (100 Continue, 104) as a HEADERS frame before the final one."""
-        self.stream.send_headers([(b":status", str(status).encode())] + [
-            (name.lower(), value) for name, value in fields
-            if name.decode("latin-1").lower() not in CONNECTION_SPECIFIC], False)
+        """fileproxy's own 1xx (100 Continue, 104) before the final response."""
+        self.stream.send_interim(status, fields)
