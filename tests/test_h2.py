@@ -28,13 +28,16 @@ from fileproxy.app import build_runner
 from fileproxy.client import sign_url
 from fileproxy.config import Config
 from fileproxy.server.tls import server_context
-from tests.conftest import Served
+from tests.conftest import Served, free_port
 from tests.origin import build_origin
 from tests.pattern import pattern_sha256
 
 MIB = 1024 * 1024
 CLIENTS = [True, False]
 CLIENT_IDS = ["lean", "aiohttp-client"]
+# A plain GET on an h2 stream takes the fast side (frames straight out) or, with --no-fast-path,
+# aiohttp's request and response objects: both are tested.
+SIDES = pytest.mark.parametrize("fast_path", [True, False], ids=["h2-fast-side", "h2-aiohttp"])
 
 
 def make_certificate(directory: Path, name: str = "cert") -> tuple[str, str]:
@@ -98,11 +101,12 @@ async def curl(*args: str) -> dict[str, Any]:
             "sha256": hashlib.sha256(body).hexdigest(), "length": len(body)}
 
 
+@SIDES
 @pytest.mark.parametrize("lean_client", CLIENTS, ids=CLIENT_IDS)
 @pytest.mark.parametrize("http", ["--http1.1", "--http2"])
 async def test_curl_over_https_byte_exact_both_ways(origin, make_tls_proxy, tmp_path, http,
-                                                    lean_client):
-    proxy = await make_tls_proxy(origin.url, lean_client=lean_client)
+                                                    lean_client, fast_path):
+    proxy = await make_tls_proxy(origin.url, lean_client=lean_client, fast_path=fast_path)
     size = 8 * MIB + 5
     got = await curl(http, f"{proxy.url}/bytes/{size}?seed=2")
     assert (got["version"], got["status"]) == (("1.1" if "1.1" in http else "2"), 200)
@@ -164,9 +168,10 @@ async def test_tls_min_version_is_enforced(origin, make_tls_proxy):
     assert await negotiated(proxy.url, ["http/1.1"]) == "http/1.1"  # (1.3 is served)
 
 
+@SIDES
 @pytest.mark.parametrize("lean_client", CLIENTS, ids=CLIENT_IDS)
-async def test_httpx_http2_client(origin, make_tls_proxy, lean_client):
-    proxy = await make_tls_proxy(origin.url, lean_client=lean_client)
+async def test_httpx_http2_client(origin, make_tls_proxy, lean_client, fast_path):
+    proxy = await make_tls_proxy(origin.url, lean_client=lean_client, fast_path=fast_path)
     size = 5 * MIB + 1
     async with httpx.AsyncClient(http2=True, verify=False) as client:
         responses = await asyncio.gather(*(client.get(f"{proxy.url}/bytes/{size}?seed={seed}")
@@ -232,9 +237,10 @@ async def test_fileproxy_endpoints_over_h2(origin, make_tls_proxy):
         [len(data)]
 
 
-async def test_a_client_reset_stream_cancels_the_upstream_request(origin, make_proxy):
+@SIDES
+async def test_a_client_reset_stream_cancels_the_upstream_request(origin, make_proxy, fast_path):
     """RST_STREAM from the client: the upstream request goes at once; the connection lives on."""
-    proxy = await make_proxy(origin.url)
+    proxy = await make_proxy(origin.url, fast_path=fast_path)
     client = await RawH2.open(proxy.url)
     try:
         client.h2.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"),
@@ -374,9 +380,10 @@ async def test_windows_are_sized_for_long_fat_links(origin, make_proxy):
     assert update.delta == 32 * MIB - 65535
 
 
-async def test_a_truncated_upstream_body_resets_the_stream(origin, make_proxy):
+@SIDES
+async def test_a_truncated_upstream_body_resets_the_stream(origin, make_proxy, fast_path):
     """An upstream that drops mid-body: the client sees RST_STREAM, never a clean end."""
-    proxy = await make_proxy(origin.url, upstream_resume_attempts=0)
+    proxy = await make_proxy(origin.url, upstream_resume_attempts=0, fast_path=fast_path)
     async with httpx.AsyncClient(http2=True, http1=False) as client:
         with pytest.raises(httpx.HTTPError):
             await client.get(f"{proxy.url}/truncate?size=1000000&send=300000")
@@ -557,11 +564,12 @@ async def test_tls_sessions_are_resumed(origin, make_tls_proxy, version):
     assert reused
 
 
-async def test_signed_links_over_h2(origin, make_tls_proxy):
+@SIDES
+async def test_signed_links_over_h2(origin, make_tls_proxy, fast_path):
     """The signature check is the request path's: an HTTP/2 request is held to it as well."""
     secret = "s" * 32
     proxy = await make_tls_proxy(origin.url, signing_key=(f"k1={secret}",),
-                                 require_signature=("/bytes/",))
+                                 require_signature=("/bytes/",), fast_path=fast_path)
     async with httpx.AsyncClient(http2=True, verify=False) as client:
         refused = await client.get(f"{proxy.url}/bytes/100")
         signed = await client.get(sign_url(f"{proxy.url}/bytes/100", "k1", secret, 60))
@@ -570,11 +578,12 @@ async def test_signed_links_over_h2(origin, make_tls_proxy):
     assert len(origin.events("bytes-sent")) == 1
 
 
-async def test_a_client_leaving_an_h2_connection_cancels_its_upstream_requests(origin,
-                                                                              make_proxy):
+@SIDES
+async def test_a_client_leaving_an_h2_connection_cancels_its_upstream_requests(
+        origin, make_proxy, fast_path):
     """The connection closes mid-download (no RST_STREAM first): every stream's upstream
     request goes at once."""
-    proxy = await make_proxy(origin.url)
+    proxy = await make_proxy(origin.url, fast_path=fast_path)
     client = await RawH2.open(proxy.url)
     for stream_id in (1, 3):
         client.h2.send_headers(stream_id, [
@@ -591,10 +600,12 @@ async def test_a_client_leaving_an_h2_connection_cancels_its_upstream_requests(o
     assert len(origin.events("peer-gone")) == 2, "an upstream request went on"
 
 
-async def test_early_hints_reach_an_h2_client_as_informational_headers(origin, make_proxy):
+@SIDES
+async def test_early_hints_reach_an_h2_client_as_informational_headers(origin, make_proxy,
+                                                                      fast_path):
     """An upstream's 103 (the lean client passes interim responses on) goes out as a HEADERS
     frame before the final response."""
-    proxy = await make_proxy(origin.url, lean_client=True)
+    proxy = await make_proxy(origin.url, lean_client=True, fast_path=fast_path)
     client = await RawH2.open(proxy.url)
     try:
         client.h2.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"),
@@ -610,3 +621,21 @@ async def test_early_hints_reach_an_h2_client_as_informational_headers(origin, m
              if isinstance(e, h2.events.ResponseReceived)]
     assert [(h[b":status"], h[b"link"]) for h in hints] == [(b"103", b"</a.css>; rel=preload")]
     assert final == [b"200"]
+
+
+@SIDES
+async def test_statuses_without_a_body_head_and_errors_over_h2(origin, make_proxy, fast_path):
+    """204 and 304 end with their HEADERS, HEAD keeps the length and sends no body, and
+    fileproxy's own error (an upstream that refuses connections) arrives whole."""
+    proxy = await make_proxy(origin.url, fast_path=fast_path)
+    async with httpx.AsyncClient(http2=True, http1=False) as client:
+        for code in (204, 304):
+            response = await client.get(f"{proxy.url}/status/{code}")
+            assert (response.status_code, response.content) == (code, b"")
+        head = await client.head(f"{proxy.url}/bytes/1000")
+        assert (head.status_code, head.headers["content-length"], head.content) == \
+            (200, "1000", b"")
+        down = await make_proxy(f"http://127.0.0.1:{free_port()}", fast_path=fast_path)
+        refused = await client.get(f"{down.url}/bytes/10")
+    assert refused.status_code == 502 and refused.http_version == "HTTP/2"
+    assert refused.text.startswith("502 ") and "request id:" in refused.text

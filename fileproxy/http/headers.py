@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import HttpVersion, hdrs
 from aiohttp.abc import AbstractStreamWriter
@@ -130,6 +132,23 @@ def peer_address(request: ClientRequest) -> str | None:
 
 
 # ---------------------------------------------------------------- response side
+
+NO_BODY_STATUSES = frozenset({204, 304})
+
+
+def no_body(outgoing: Outgoing) -> None:
+    """The fast path serves requests without a body."""
+    return None
+
+
+def http_date(_cache: list[Any] = [0, ""]) -> str:  # noqa: B006 - the per-second cache
+    """The Date header value, formatted once per second."""
+    now = int(time.time())
+    if _cache[0] != now:
+        _cache[0], _cache[1] = now, formatdate(now, usegmt=True)
+    return str(_cache[1])
+
+
 
 def response_headers(upstream: UpstreamResponse) -> CIMultiDict[str]:
     """The upstream's end-to-end response headers in order, framing headers left to the proxy."""

@@ -19,7 +19,6 @@ import asyncio
 import socket
 import time
 from dataclasses import dataclass
-from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
@@ -36,16 +35,23 @@ from fileproxy.core.forward import serve_request
 from fileproxy.core.keys import CONFIG
 from fileproxy.core.routing import Route, route
 from fileproxy.http.errors import ProxyError
-from fileproxy.http.headers import Outgoing, parser_limit, response_headers, response_length
+from fileproxy.http.headers import (
+    NO_BODY_STATUSES,
+    http_date,
+    no_body,
+    parser_limit,
+    response_headers,
+    response_length,
+)
 from fileproxy.observability.accesslog import AccessLogger, exchange_fields
 from fileproxy.server.h2server import H2Connection, Opening
 from fileproxy.upstream.aiohttp_client import UpstreamResponse
 from fileproxy.upstream.sockets import SocketOptions
 
+HTTP2 = HttpVersion(2, 0)
 # Headers that mean "not a plain GET": a body, an interim exchange, a protocol switch, async.
 HANDED_OVER_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
                                  b"prefer"})
-NO_BODY_STATUSES = frozenset({204, 304})
 # Seconds an idle connection stays open once the worker is stopping, for a request on its way.
 SHUTDOWN_GRACE = 1.0
 # Bytes a pipelining client may queue behind the request being served before reading pauses.
@@ -56,19 +62,6 @@ def refusal(request: web.BaseRequest, status: int, reason: str) -> web.StreamRes
     """A request aiohttp's parser refused (or a handler that failed), answered as every error."""
     error = ProxyError(status, f"{HTTPStatus(status).phrase}: {reason}", close=True)
     return error.response(request_id_for(request))
-
-
-def no_body(outgoing: Outgoing) -> None:
-    """The fast path serves requests without a body."""
-    return None
-
-
-def http_date(_cache: list[Any] = [0, ""]) -> str:  # noqa: B006 - the per-second cache
-    """The Date header value, formatted once per second."""
-    now = int(time.time())
-    if _cache[0] != now:
-        _cache[0], _cache[1] = now, formatdate(now, usegmt=True)
-    return str(_cache[1])
 
 
 @dataclass(slots=True)
@@ -111,6 +104,23 @@ class Gate:
         request = FastRequest(url.decode("utf-8", "surrogateescape"), tuple(raw_headers), headers,
                               connection.remote, connection.scheme, keep_alive,
                               connection.transport)
+        if route("GET", request.path, headers, self.config) is not Route.FORWARD:
+            return None
+        return request
+
+    def admit_h2(self, method: str, target: str, raw_headers: list[tuple[bytes, bytes]],
+                 transport: asyncio.Transport, remote: str | None, scheme: str
+                 ) -> FastRequest | None:
+        """The same choice for an HTTP/2 stream that ended with its HEADERS (no body): a GET
+        the request path routes to the upstream (server/h2server.py answers it without
+        aiohttp's request and response objects)."""
+        if method != "GET" or len(target) > self.longest_url or not target.startswith("/"):
+            return None
+        headers = self.plain_headers(raw_headers)
+        if headers is None:
+            return None
+        request = FastRequest(target, tuple(raw_headers), headers, remote, scheme, True,
+                              transport, version=HTTP2)
         if route("GET", request.path, headers, self.config) is not Route.FORWARD:
             return None
         return request

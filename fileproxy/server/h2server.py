@@ -5,9 +5,11 @@ its body streamed both ways under HTTP/2 flow control.
 
 A connection starts on Opening, which picks the protocol: HTTP/2 when TLS negotiated `h2` (ALPN)
 or when a clear-text client's first bytes are the HTTP/2 preface (h2c with prior knowledge);
-HTTP/1.1 otherwise (the fast path, or aiohttp's server). Each stream's request is an aiohttp
-request whose "transport" is the stream (closing it resets the stream, never the connection; it
-has no socket, so no socket-to-socket relay) and whose writer sends HEADERS and DATA frames.
+HTTP/1.1 otherwise (the fast path, or aiohttp's server). A plain GET (no body, routed to the
+upstream: the fast path's Gate decides) goes through the request path with H2Side, which sends
+the upstream's head as HEADERS and its body as DATA; any other request is an aiohttp request whose
+"transport" is the stream (closing it resets the stream, never the connection; it has no socket,
+so no socket-to-socket relay) and whose writer sends HEADERS and DATA frames.
 Windows are sized for long fat links (--h2-window, per stream and for the connection); received
 bytes are acknowledged once the request's body reader has room for them, so a slow upstream
 holds a fast client back through flow control and memory stays bounded by the window.
@@ -42,10 +44,19 @@ from fileproxy.compat import (
     request_message,
 )
 from fileproxy.config import Config
-from fileproxy.core.exchange import request_id_for
+from fileproxy.core.exchange import Exchange, request_id_for
+from fileproxy.core.forward import ServedRequest, serve_request
 from fileproxy.http.errors import ProxyError
-from fileproxy.http.headers import parser_limit
-from fileproxy.observability.accesslog import AccessLogger
+from fileproxy.http.headers import (
+    NO_BODY_STATUSES,
+    http_date,
+    no_body,
+    parser_limit,
+    response_headers,
+    response_length,
+)
+from fileproxy.observability.accesslog import AccessLogger, exchange_fields
+from fileproxy.upstream.aiohttp_client import UpstreamResponse
 
 log = logging.getLogger("fileproxy.h2")
 
@@ -53,20 +64,33 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Connection-specific fields (RFC 9113 8.2.2): never sent in HTTP/2, refused when received.
 CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection",
                                  "transfer-encoding", "upgrade"})
+CONNECTION_SPECIFIC_OR_LENGTH = CONNECTION_SPECIFIC | {"content-length"}
 FORBIDDEN_IN_VALUES = (b"\r", b"\n", b"\x00")
 DEFAULT_WINDOW = 65535  # every HTTP/2 window's size before SETTINGS or WINDOW_UPDATE
 BULK = 256 << 10  # DATA bytes queued before they are written at once (and backpressure heeded)
+
+
+class Gate(Protocol):
+    """Which requests skip aiohttp's request and response objects (server/fastpath.py)."""
+
+    def admit_h2(self, method: str, target: str, raw_headers: list[tuple[bytes, bytes]],
+                 transport: asyncio.Transport, remote: str | None, scheme: str
+                 ) -> ServedRequest | None: ...
 
 
 class Host(Protocol):
     """What a connection needs of the server it belongs to (server/fastpath.py's FastServer)."""
 
     config: Config
+    app: web.Application
     inner: web.Server
     access: AccessLogger | None
     connections: set[Any]
     served: int
     closing: bool
+
+    @property
+    def gate(self) -> Gate: ...
 
     def connected(self, transport: asyncio.BaseTransport) -> None: ...
 
@@ -135,6 +159,8 @@ class H2Connection(asyncio.Protocol):
         })
         self.streams: dict[int, H2Stream] = {}
         self.transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        self.scheme = "http"
         self.closing = False
         self._writable: asyncio.Future[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
@@ -147,6 +173,9 @@ class H2Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.host.connected(transport)
         self.host.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.remote = str(peer[0]) if isinstance(peer, (list, tuple)) and peer else None
+        self.scheme = "https" if transport.get_extra_info("sslcontext") is not None else "http"
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(self.host.config.h2_window - DEFAULT_WINDOW)
         self.flush()
@@ -328,11 +357,42 @@ class H2Stream:
         return self.connection.h2
 
     def start(self, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+        """A plain GET goes through the request path without aiohttp's request and response
+        objects (as the HTTP/1.1 fast path does); any other request as an aiohttp request."""
+        self.started = time.monotonic()
+        method, target, fields = as_http1(headers)
+        loop = asyncio.get_running_loop()
+        if ended and self.connection.host.config.fast_path:
+            plain = self.connection.host.gate.admit_h2(
+                method, target, fields, self.flow.transport, self.connection.remote,
+                self.connection.scheme)
+            if plain is not None:
+                self.task = loop.create_task(self.serve_plain(plain))
+                return
         if not ended:
             self.body = body_reader(self.flow, self.connection.host.config.read_size)
-        self.started = time.monotonic()
-        self.task = asyncio.get_running_loop().create_task(
-            self.run(request_message(*as_http1(headers)), self.body or EMPTY_BODY))
+        self.task = loop.create_task(
+            self.run(request_message(method, target, fields), self.body or EMPTY_BODY))
+
+    async def serve_plain(self, request: ServedRequest) -> None:
+        """The request path (core.forward.serve_request) for a plain GET; frames straight out."""
+        host = self.connection.host
+        exchange = Exchange(request_id_for(request), time.monotonic())
+        try:
+            answer = await serve_request(host.app, request, H2Side(self), exchange, no_body)
+            await answer.finish()
+        except ConnectionError:
+            exchange.outcome, exchange.detail = "client_aborted", "client went away"
+            self.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+        except asyncio.CancelledError:
+            exchange.outcome, exchange.detail = "client_aborted", "client went away"
+            raise
+        finally:
+            if host.access is not None:
+                host.access.write(exchange_fields(
+                    request.remote, request.method, request.raw_path, "2.0", exchange.status,
+                    exchange.bytes_out, time.monotonic() - exchange.started, exchange))
+            self.finish()
 
     async def run(self, message: Any, body: Any) -> None:
         """The application answers the request; the response goes out as frames."""
@@ -558,6 +618,74 @@ class StreamTransport(asyncio.Transport):
     def write_interim(self, status: int, fields: list[tuple[bytes, bytes]]) -> None:
         """An upstream's 1xx (103 Early Hints) passed on as a HEADERS frame."""
         self.stream.send_interim(status, fields)
+
+
+class H2Side:
+    """core.relay.ClientSide for a plain GET on a stream: the upstream's head as HEADERS, its
+    body as DATA, under the stream's flow control."""
+
+    def __init__(self, stream: H2Stream) -> None:
+        self.stream = stream
+
+    def error(self, error: ProxyError, request_id: str) -> H2Response:
+        text = error.text(request_id).encode()
+        fields = {"content-type": "text/plain; charset=utf-8",
+                  **error.headers_for(request_id)}.items()
+        return H2Response(self.stream, error.status, len(text), fields, text)
+
+    def whole(self, upstream: UpstreamResponse, body: bytes) -> H2Response:
+        return H2Response(self.stream, upstream.status, len(body),
+                          response_headers(upstream).items(), body)
+
+    async def start(self, upstream: UpstreamResponse) -> H2Response:
+        length = response_length(upstream)
+        if upstream.status in NO_BODY_STATUSES:
+            length = length if upstream.status == 304 else None
+        return H2Response(self.stream, upstream.status, length,
+                          response_headers(upstream).items(), None)
+
+
+class H2Response:
+    """core.relay.Streamed on a stream: HEADERS at once (with the body, when it is all here),
+    then DATA; finish() ends the stream."""
+
+    def __init__(self, stream: H2Stream, status: int, length: int | None,
+                 fields: Iterable[tuple[str, str]], body: bytes | None) -> None:
+        self.stream, self.status, self.content_length = stream, status, length
+        self.body_bytes = 0
+        self.aborted: str | None = None
+        self.fault: str | None = None
+        self.whole = body
+        empty = status in NO_BODY_STATUSES
+        head = [(b":status", str(status).encode())] + [
+            (name.lower().encode("latin-1"), value.encode("utf-8", "surrogateescape"))
+            for name, value in fields if name.lower() not in CONNECTION_SPECIFIC_OR_LENGTH]
+        if length is not None:
+            head.append((b"content-length", str(length).encode()))
+        head.append((b"date", http_date().encode()))
+        stream.send_headers(head, end=empty and not body)
+        self.ended = empty and not body
+
+    async def write(self, data: bytes) -> None:
+        await self.stream.send_data(data, end=False)
+        self.body_bytes += len(data)
+
+    async def flush(self, chunks: list[bytes]) -> int:
+        raise AssertionError("no socket-to-socket relay on an HTTP/2 stream")
+
+    async def write_eof(self) -> None:
+        if not self.ended:
+            self.ended = True
+            await self.stream.send_data(b"", end=True)
+
+    async def finish(self) -> None:
+        """The whole body of an answer made at once (an error, a small response), then the end."""
+        if self.whole is not None and not self.ended:
+            body, self.whole = self.whole, None
+            self.ended = True
+            await self.stream.send_data(body, end=True)
+            self.body_bytes += len(body)
+        await self.write_eof()
 
 
 class H2Writer(AbstractStreamWriter):
