@@ -505,6 +505,7 @@ class H2Stream:
         """DATA frames as the stream's and the connection's windows allow (a large chunk's
         frames leave as they are made, small ones with the rest of this loop turn's)."""
         sent = flushed = 0
+        view = memoryview(data)  # (frames are cut from it without copying)
         while sent < len(data) or end:
             self.check_open()
             window = min(self.machine.local_flow_control_window(self.id),
@@ -513,7 +514,7 @@ class H2Stream:
                 self._window.clear()
                 await self._window.wait()
                 continue
-            piece = data[sent:sent + window]
+            piece = view[sent:sent + window]
             sent += len(piece)
             last = end and sent >= len(data)
             self.machine.send_data(self.id, piece, end_stream=last)
