@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import re
 import shutil
 import socket
@@ -639,3 +640,17 @@ async def test_statuses_without_a_body_head_and_errors_over_h2(origin, make_prox
         refused = await client.get(f"{down.url}/bytes/10")
     assert refused.status_code == 502 and refused.http_version == "HTTP/2"
     assert refused.text.startswith("502 ") and "request id:" in refused.text
+
+
+@SIDES
+async def test_h2_answers_carry_one_date_and_are_logged_with_their_bytes(origin, make_proxy,
+                                                                        fast_path, caplog):
+    """The upstream's Date is passed on, never doubled; the access log counts the body."""
+    proxy = await make_proxy(origin.url, fast_path=fast_path, access_log=True)
+    with caplog.at_level(logging.INFO, logger="fileproxy.access"):
+        async with httpx.AsyncClient(http2=True, http1=False) as client:
+            response = await client.get(f"{proxy.url}/bytes/1000")
+    assert response.status_code == 200 and len(response.headers.get_list("date")) == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "fileproxy.access"]
+    assert any('"GET /bytes/1000 HTTP/2.0" 200' in line and "out=1000" in line
+               for line in lines), lines

@@ -653,7 +653,7 @@ class H2Response:
     def __init__(self, stream: H2Stream, status: int, length: int | None,
                  fields: Iterable[tuple[str, str]], body: bytes | None) -> None:
         self.stream, self.status, self.content_length = stream, status, length
-        self.body_bytes = 0
+        self.body_bytes = len(body) if body else 0  # (counted as given, as the fast path does)
         self.aborted: str | None = None
         self.fault: str | None = None
         self.whole = body
@@ -663,7 +663,8 @@ class H2Response:
             for name, value in fields if name.lower() not in CONNECTION_SPECIFIC_OR_LENGTH]
         if length is not None:
             head.append((b"content-length", str(length).encode()))
-        head.append((b"date", http_date().encode()))
+        if not any(name == b"date" for name, _ in head):
+            head.append((b"date", http_date().encode()))
         stream.send_headers(head, end=empty and not body)
         self.ended = empty and not body
 
@@ -685,7 +686,6 @@ class H2Response:
             body, self.whole = self.whole, None
             self.ended = True
             await self.stream.send_data(body, end=True)
-            self.body_bytes += len(body)
         await self.write_eof()
 
 
