@@ -244,9 +244,7 @@ async def test_a_client_reset_stream_cancels_the_upstream_request(origin, make_p
     proxy = await make_proxy(origin.url, fast_path=fast_path)
     client = await RawH2.open(proxy.url)
     try:
-        client.h2.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"),
-                                   (b":authority", b"localhost"),
-                                   (b":path", b"/slow-body?rate=20000&seconds=30")],
+        client.h2.send_headers(1, get_fields(b"/slow-body?rate=20000&seconds=30"),
                                end_stream=True)
         await client.flush()
         await client.until(lambda events: any(isinstance(e, h2.events.DataReceived)
@@ -258,11 +256,7 @@ async def test_a_client_reset_stream_cancels_the_upstream_request(origin, make_p
                 break
             await asyncio.sleep(0.01)
         assert origin.events("peer-gone"), "the upstream request went on"
-        client.h2.send_headers(3, [(b":method", b"GET"), (b":scheme", b"http"),
-                                   (b":authority", b"localhost"), (b":path", b"/bytes/100")],
-                               end_stream=True)
-        await client.flush()
-        await client.until(ended(3))
+        await client.ask(3, get_fields(b"/bytes/100"))
     finally:
         client.close()
     assert sum(len(e.data) for e in client.events
@@ -296,6 +290,12 @@ class RawH2:
         self.writer.write(self.h2.data_to_send())
         await self.writer.drain()
 
+    async def ask(self, stream_id: int, fields: list[tuple[bytes, bytes]]) -> None:
+        """A request without a body, and its answer (until its stream ended or was reset)."""
+        self.h2.send_headers(stream_id, fields, end_stream=True)
+        await self.flush()
+        await self.until(ended(stream_id))
+
     async def until(self, done: Callable[[list[h2.events.Event]], bool]) -> None:
         while not done(self.events):
             data = await asyncio.wait_for(self.reader.read(65536), 10)
@@ -306,6 +306,11 @@ class RawH2:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def get_fields(path: bytes) -> list[tuple[bytes, bytes]]:
+    return [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"localhost"),
+            (b":path", path)]
 
 
 def request_fields(path: bytes = b"/echo/x", **extra: bytes) -> list[tuple[bytes, bytes]]:
@@ -339,9 +344,7 @@ async def test_malformed_h2_requests_never_reach_the_upstream(origin, make_proxy
     proxy = await make_proxy(origin.url)
     client = await RawH2.open(proxy.url)
     try:
-        client.h2.send_headers(1, fields, end_stream=True)
-        await client.flush()
-        await client.until(ended(1))
+        await client.ask(1, fields)
     finally:
         client.close()
     answered = [e for e in client.events if isinstance(e, h2.events.ResponseReceived)]
@@ -427,11 +430,7 @@ async def test_an_idle_h2_connection_does_not_hold_shutdown_up(origin, make_prox
     proxy = await (make_tls_proxy if tls else make_proxy)(origin.url, graceful_timeout=30)
     client = await RawH2.open(proxy.url)
     try:
-        client.h2.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"),
-                                   (b":authority", b"localhost"), (b":path", b"/bytes/10")],
-                               end_stream=True)
-        await client.flush()
-        await client.until(ended(1))
+        await client.ask(1, get_fields(b"/bytes/10"))
         client.writer.transport.pause_reading()  # (TLS's close is never answered)
         started = asyncio.get_running_loop().time()
         assert proxy.runner is not None
@@ -474,9 +473,7 @@ async def test_a_client_that_asks_without_reading_is_not_read_either(origin, mak
         await client.flush()
         sent = 0
         for stream_id in range(1, 4001, 2):
-            client.h2.send_headers(stream_id, [
-                (b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"localhost"),
-                (b":path", b"/bytes/65536")], end_stream=True)
+            client.h2.send_headers(stream_id, get_fields(b"/bytes/65536"), end_stream=True)
             client.writer.write(client.h2.data_to_send())
             sent += 1
             if client.writer.transport.get_write_buffer_size() > 4 << 20:
@@ -587,9 +584,7 @@ async def test_a_client_leaving_an_h2_connection_cancels_its_upstream_requests(
     proxy = await make_proxy(origin.url, fast_path=fast_path)
     client = await RawH2.open(proxy.url)
     for stream_id in (1, 3):
-        client.h2.send_headers(stream_id, [
-            (b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"localhost"),
-            (b":path", b"/slow-body?rate=20000&seconds=30")], end_stream=True)
+        client.h2.send_headers(stream_id, get_fields(b"/slow-body?rate=20000&seconds=30"), end_stream=True)
     await client.flush()
     await client.until(lambda events: len({e.stream_id for e in events
                                            if isinstance(e, h2.events.DataReceived)}) == 2)
@@ -609,11 +604,7 @@ async def test_early_hints_reach_an_h2_client_as_informational_headers(origin, m
     proxy = await make_proxy(origin.url, lean_client=True, fast_path=fast_path)
     client = await RawH2.open(proxy.url)
     try:
-        client.h2.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"),
-                                   (b":authority", b"localhost"), (b":path", b"/early-hints")],
-                               end_stream=True)
-        await client.flush()
-        await client.until(ended(1))
+        await client.ask(1, get_fields(b"/early-hints"))
     finally:
         client.close()
     hints = [dict(e.headers) for e in client.events
