@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -16,15 +15,13 @@ from fileproxy.config import (
     SETTINGS,
     Config,
     ConfigError,
-    coerce,
     env_name,
     flag_name,
     load_config,
     parse_bool,
     parse_seconds,
     positive,
-    values_from_env,
-    values_from_file,
+    setting_values,
 )
 from fileproxy.features.signing import signed_link, signing_secrets
 from fileproxy.server.run import run_dev, run_gunicorn
@@ -148,11 +145,7 @@ def duration(text: str) -> float:
 def signing_keys(cli_keys: list[str] | None, config_file: str | None) -> dict[str, str]:
     """--signing-key by id, with the server's precedence (command line, env, TOML file) but
     without building a whole Config (which needs an upstream)."""
-    config_file = config_file or os.environ.get(CONFIG_FILE_ENV)
-    values = values_from_file(config_file) if config_file else {}
-    values.update(values_from_env(os.environ))
-    if cli_keys:
-        values["signing_key"] = coerce("signing_key", cli_keys, "command line")
+    values = setting_values({"signing_key": cli_keys} if cli_keys else {}, config_file)
     return signing_secrets(values.get("signing_key", ()))
 
 

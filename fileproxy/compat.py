@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import h2.connection
+import h2.exceptions
 from aiohttp import HttpVersion, HttpVersion11, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_parser import SINGLETON_HEADERS, HttpRequestParserPy, RawRequestMessage
@@ -20,6 +21,7 @@ from aiohttp.payload import Payload
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler, RequestPayloadError
 from aiohttp.worker import GunicornUVLoopWebWorker
+from h2.utilities import HeaderValidationFlags, validate_headers
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -308,3 +310,21 @@ def h2_stream_open(connection: h2.connection.H2Connection, stream_id: int) -> bo
     """Is the stream still open in some direction (H2Connection.streams)?"""
     stream = connection.streams.get(stream_id)
     return stream is not None and not stream.closed
+
+
+# The flags h2 validates a request's fields with on the server side (not a client's, not
+# trailers, not a response, not a push).
+H2_REQUEST_FIELDS = HeaderValidationFlags(is_client=False, is_trailer=False,
+                                          is_response_header=False, is_push_promise=False)
+
+
+def h2_request_problem(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """What h2's own validation of a request's fields (h2.utilities.validate_headers: names and
+    values, connection-specific fields, pseudo-header rules, Host against :authority) refuses,
+    run by the caller so that the refusal can be a stream error, not the connection's end."""
+    try:
+        for _ in validate_headers(headers, H2_REQUEST_FIELDS):
+            pass
+    except h2.exceptions.ProtocolError as error:
+        return str(error)
+    return None

@@ -630,13 +630,20 @@ def values_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
 def load_config(cli_values: Mapping[str, Any] | None = None, config_file: str | None = None,
                 environ: Mapping[str, str] | None = None) -> Config:
     """Defaults, then the TOML file, then FILEPROXY_* env vars, then CLI values (already raw)."""
+    return Config(**setting_values(cli_values, config_file, environ))
+
+
+def setting_values(cli_values: Mapping[str, Any] | None = None, config_file: str | None = None,
+                   environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The settings given (not the defaults), parsed, each from where it wins: the command line,
+    else FILEPROXY_* env, else the TOML file."""
     environ = os.environ if environ is None else environ
     config_file = config_file or environ.get(CONFIG_FILE_ENV)
     values: dict[str, Any] = values_from_file(config_file) if config_file else {}
     values.update(values_from_env(environ))
     for name, raw in (cli_values or {}).items():
         values[name] = coerce(name, raw, "command line")
-    return Config(**values)
+    return values
 
 
 _active: Config | None = None

@@ -19,6 +19,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 import httpx
@@ -341,15 +342,21 @@ MALFORMED = {
 
 @pytest.mark.parametrize("fields", list(MALFORMED.values()), ids=list(MALFORMED))
 async def test_malformed_h2_requests_never_reach_the_upstream(origin, make_proxy, fields):
+    """A stream error (RST_STREAM PROTOCOL_ERROR), never forwarded; the connection serves on."""
     proxy = await make_proxy(origin.url)
     client = await RawH2.open(proxy.url)
     try:
         await client.ask(1, fields)
+        assert origin.events() == []
+        await client.ask(3, get_fields(b"/bytes/10"))
     finally:
         client.close()
-    answered = [e for e in client.events if isinstance(e, h2.events.ResponseReceived)]
-    assert not answered or dict(answered[0].headers)[b":status"].startswith(b"4")
-    assert origin.events() == []
+    resets = [e.error_code for e in client.events
+              if isinstance(e, h2.events.StreamReset) and e.stream_id == 1]
+    assert resets == [h2.errors.ErrorCodes.PROTOCOL_ERROR]
+    assert not any(isinstance(e, h2.events.ResponseReceived) and e.stream_id == 1
+                   for e in client.events)
+    assert len(origin.events("bytes-sent")) == 1  # (stream 3, on the same connection)
 
 
 async def test_content_length_must_match_the_data(origin, make_proxy):

@@ -39,6 +39,7 @@ from fileproxy.compat import (
     PayloadFlow,
     body_reader,
     h2_connection_closed,
+    h2_request_problem,
     h2_stream_open,
     make_request,
     request_message,
@@ -65,7 +66,6 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection",
                                  "transfer-encoding", "upgrade"})
 CONNECTION_SPECIFIC_OR_LENGTH = CONNECTION_SPECIFIC | {"content-length"}
-FORBIDDEN_IN_VALUES = (b"\r", b"\n", b"\x00")
 DEFAULT_WINDOW = 65535  # every HTTP/2 window's size before SETTINGS or WINDOW_UPDATE
 BULK = 256 << 10  # DATA bytes queued before they are written at once (and backpressure heeded)
 
@@ -147,11 +147,13 @@ class H2Connection(asyncio.Protocol):
     def __init__(self, host: Host) -> None:
         self.host = host
         config = host.config
-        # Inbound fields are validated (RFC 9113 8.2, 8.3); outbound ones are built here from
-        # fields already checked, so h2's second look at each response is skipped.
+        # A request's fields are validated with h2's own rules (RFC 9113 8.2, 8.3) once they
+        # arrived (request_received), so that a malformed request is a stream error and the
+        # connection's other streams go on; responses are built here from checked fields, so
+        # h2's second look at them is skipped.
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_outbound_headers=False,
-            normalize_outbound_headers=False))
+            client_side=False, header_encoding=None, validate_inbound_headers=False,
+            validate_outbound_headers=False, normalize_outbound_headers=False))
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: config.h2_window,
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: config.h2_max_streams,
@@ -243,7 +245,7 @@ class H2Connection(asyncio.Protocol):
             self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         headers = list(event.headers or [])
-        problem = malformed(headers)
+        problem = h2_request_problem(headers)
         if problem is not None:
             log.info("HTTP/2 stream %d refused: %s", event.stream_id, problem)
             self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
@@ -317,26 +319,6 @@ class H2Connection(asyncio.Protocol):
         self.host.connections.discard(self)
         if self.transport is not None:
             self.transport.close()
-
-
-def malformed(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """What makes a request's fields unfit to become HTTP/1.1 (RFC 9113 8.2.1, 8.3.1) beyond
-    what h2 checks: CR, LF or NUL in a value, connection-specific fields, a Host that names
-    another authority than :authority."""
-    authority = host = None
-    for name, value in headers:
-        if any(byte in value for byte in FORBIDDEN_IN_VALUES):
-            return f"CR, LF or NUL in the value of {name[:64]!r}"
-        lowered = name.decode("latin-1")
-        if lowered in CONNECTION_SPECIFIC:
-            return f"connection-specific field {lowered}"
-        if lowered == ":authority":
-            authority = value
-        elif lowered == "host":
-            host = value
-    if authority is not None and host is not None and authority != host:
-        return "Host and :authority differ"
-    return None
 
 
 class H2Stream:
