@@ -36,7 +36,7 @@ case "${1:-}" in
   lint) shift; "$venv/bin/ruff" check "$root" "$@" && exec "$venv/bin/mypy" ;;
   bench)
     shift
-    name="${1:?usage: ./run.sh bench loopback|load|faults|net|tuning|cutupload [args]}"; shift
+    name="${1:?usage: ./run.sh bench loopback|load|faults|net|h2net|h2floor|tuning|cutupload|soak [args]}"; shift
     exec "$py" -m "benchmarks.$name" "$@" ;;
   dev) shift; exec "$py" -m fileproxy dev "$@" ;;
   serve) shift; exec "$py" -m fileproxy serve "$@" ;;

@@ -298,6 +298,18 @@ class ContextWorker(GunicornUVLoopWebWorker):
     def _create_ssl_context(self, cfg: Any) -> ssl.SSLContext | None:  # type: ignore[override]
         return self.server_tls()
 
+    backlog_restored = False
+
+    def notify(self) -> None:
+        """The heartbeat; the first, which aiohttp's worker sends once its sites listen, also
+        puts gunicorn's --backlog back on the listening sockets: each site listens again with
+        web.SockSite's default, 128, on a socket the master (or gunicorn's reuse_port) opened."""
+        super().notify()
+        if not self.backlog_restored:
+            self.backlog_restored = True
+            for listener in self.sockets:
+                listener.listen(self.cfg.backlog)
+
 
 # ---------------------------------------------------------------- h2's connection state
 

@@ -277,6 +277,13 @@ class Config:
                         metavar="HOST:PORT")
     workers: int = setting(default_workers(), positive(parse_count),
                            "gunicorn worker processes (default: 2 per CPU)", metavar="N")
+    reuse_port: str = setting(
+        "auto", choice("auto", "yes", "no"),
+        "a listening socket per worker (SO_REUSEPORT): the kernel spreads new connections "
+        "evenly over the workers, where on one shared socket the first worker awake takes a "
+        "burst; auto: yes when net.ipv4.tcp_migrate_req is 1, so that a worker that stops or "
+        "dies hands the connections waiting on its socket to another (with 0 they are reset)",
+        metavar="auto|yes|no")
     certfile: str = setting("", parse_readable_file,
                             "PEM certificate (with its chain) to serve HTTPS with (needs "
                             "--keyfile); re-read on SIGHUP", metavar="FILE")
@@ -567,6 +574,9 @@ class Config:
             raise ConfigError("--signing-key: a key id is given twice")
         if self.require_signature and not self.signing_key:
             raise ConfigError("--require-signature needs at least one --signing-key")
+        if self.reuse_port == "yes" and self.bind.startswith("unix:"):
+            raise ConfigError("--reuse-port yes: a unix socket cannot be shared out that way "
+                              "(use a HOST:PORT --bind, or --reuse-port auto)")
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from fileproxy.config import active_config
 from fileproxy.observability import metrics
+from fileproxy.server.listeners import LISTEN_BACKLOG, socket_per_worker
 from fileproxy.upstream.sockets import SocketOptions
 
 if TYPE_CHECKING:
@@ -27,7 +28,10 @@ _config = active_config()  # --flags via `fileproxy serve`, or FILEPROXY_* env /
 # Where clients connect (--bind, FILEPROXY_BIND); gunicorn owns the listening sockets.
 bind = [_config.bind]
 # Pending connections the kernel queues per listener before refusing; bursts of clients fit.
-backlog = 2048
+backlog = LISTEN_BACKLOG
+# Each worker binds a socket of its own (SO_REUSEPORT) rather than sharing the master's
+# (--reuse-port; server/listeners.py says when).
+reuse_port = socket_per_worker(_config)
 
 # ---------------------------------------------------------------- TLS
 
@@ -88,9 +92,10 @@ def on_exit(server: Arbiter) -> None:
     metrics.remove_multiprocess_dir()
 
 
-def when_ready(server: Arbiter) -> None:
-    """Tune the listening sockets before workers start: accepted sockets inherit buffers and
-    congestion control from them (aiohttp sets TCP_NODELAY on each accepted socket)."""
+def post_fork(server: Arbiter, worker: Worker) -> None:
+    """Tune a worker's listening sockets (the master's shared ones, or its own) before it
+    accepts: accepted sockets inherit buffers and congestion control from them (aiohttp sets
+    TCP_NODELAY on each accepted socket)."""
     options = SocketOptions.from_config(_config)
-    for listener in server.LISTENERS:
-        options.apply_to_listener(listener.sock)
+    for listener in worker.sockets:
+        options.apply_to_listener(listener)  # (gunicorn's wrapper passes calls to its socket)

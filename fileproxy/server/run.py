@@ -24,6 +24,13 @@ from gunicorn.arbiter import Arbiter
 from fileproxy.app import build_runner, configure_logging, gunicorn_app
 from fileproxy.config import Config, activate
 from fileproxy.loops import loop_factory
+from fileproxy.server.listeners import (
+    LISTEN_BACKLOG,
+    address_problem,
+    listening_note,
+    socket_per_worker,
+    tcp_address,
+)
 from fileproxy.server.tls import reload_certificate, server_context
 from fileproxy.upstream.sockets import SocketOptions
 
@@ -70,6 +77,10 @@ class CertificateArbiter(Arbiter):
 
 
 def run_gunicorn(config: Config) -> int:
+    if socket_per_worker(config) and (problem := address_problem(config)):
+        raise SystemExit(f"fileproxy: error: {problem}")
+    if note := listening_note(config):
+        print(note, file=sys.stderr, flush=True)
     with shared_state(config) as config:
         activate(config)
         GunicornServer().run()
@@ -165,14 +176,12 @@ def wait_for_socket(path: Path, process: subprocess.Popen[bytes], seconds: float
 
 
 def listen_socket(config: Config) -> socket.socket:
-    host, _, port = config.bind.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family, address = tcp_address(config.bind)
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     SocketOptions.from_config(config).apply_to_listener(sock)
-    sock.bind((host, int(port)))
-    sock.listen(2048)
+    sock.bind(address)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -180,9 +189,11 @@ def listen_socket(config: Config) -> socket.socket:
 async def start_site(runner: web.AppRunner, config: Config,
                      tls: ssl.SSLContext | None = None) -> web.BaseSite:
     if config.bind.startswith("unix:"):
-        site: web.BaseSite = web.UnixSite(runner, config.bind[5:], ssl_context=tls)
+        site: web.BaseSite = web.UnixSite(runner, config.bind[5:], ssl_context=tls,
+                                          backlog=LISTEN_BACKLOG)
     else:
-        site = web.SockSite(runner, listen_socket(config), ssl_context=tls)
+        site = web.SockSite(runner, listen_socket(config), ssl_context=tls,
+                            backlog=LISTEN_BACKLOG)
     await site.start()
     return site
 
