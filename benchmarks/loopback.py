@@ -285,7 +285,7 @@ def ratios(medians: dict) -> dict[str, float]:
     if tls and nginx_tls:
         for key in ("tls_h1_download_MBps", "tls_h2_download_MBps", "h2_small_rps"):
             out[f"fileproxy TLS/nginx TLS {key}"] = tls[key] / nginx_tls[key]
-    return out
+    return {name: ratio for name, ratio in out.items() if ratio == ratio}  # (NaN: not run)
 
 
 HEADERS = ["target", "1 GiB down MB/s", "1 GiB up MB/s", "parallel down MB/s",

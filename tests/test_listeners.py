@@ -41,6 +41,13 @@ def run(*args: str) -> str:
 
 
 @dataclass
+class Listener:
+    waiting: int  # connections in its accept queue
+    backlog: int
+    pids: set[int]  # the processes holding it
+
+
+@dataclass
 class Namespace:
     name: str
     address: str  # fileproxy's side of the veth pair
@@ -48,10 +55,11 @@ class Namespace:
     def exec_args(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, *args]
 
-    def listeners(self, port: int) -> list[tuple[int, set[int]]]:
-        """Each listening socket on `port`: its accept queue's length and the pids holding it."""
+    def listeners(self, port: int) -> list[Listener]:
+        """Each listening socket on `port` (ss: Recv-Q is the accept queue, Send-Q the backlog)."""
         out = run(*self.exec_args("ss", "-tlnpH", f"sport = :{port}"))
-        return [(int(line.split()[1]), {int(pid) for pid in re.findall(r"pid=(\d+)", line)})
+        return [Listener(int(line.split()[1]), int(line.split()[2]),
+                         {int(pid) for pid in re.findall(r"pid=(\d+)", line)})
                 for line in out.splitlines()]
 
 
@@ -172,7 +180,10 @@ def test_auto_takes_a_socket_per_worker_only_where_the_kernel_migrates(reuse_por
         sockets = space.listeners(served.port)
         assert len(sockets) == listening
         if listening == 2:  # one each: a worker holds its own socket, the master none
-            assert sorted(pid for _, pids in sockets for pid in pids) == served.workers()
+            assert sorted(pid for listener in sockets for pid in listener.pids) \
+                == served.workers()
+        # gunicorn's backlog, not the 128 aiohttp's site listens with
+        assert {listener.backlog for listener in sockets} == {2048}
 
 
 @IN_NAMESPACE
@@ -208,8 +219,8 @@ def test_connections_waiting_for_a_killed_worker(reuse_port, migrate_req, all_an
         os.kill(victim, signal.SIGSTOP)
         connections = send_requests(space.address, served.port, 24)
         if expected_listeners(space, reuse_port) == 2:
-            wait_until(lambda: any(queued for queued, pids in space.listeners(served.port)
-                                   if pids == {victim}))  # some wait on the stopped worker's
+            wait_until(lambda: any(listener.waiting for listener in space.listeners(served.port)
+                                   if listener.pids == {victim}))  # some wait on its socket
         os.kill(victim, signal.SIGKILL)
         results = [answered(connection) for connection in connections]
         if all_answered:
@@ -248,3 +259,17 @@ def test_an_address_in_use_stops_serve_with_one_line(origin_process: str):
         taken.close()
     assert result.returncode != 0
     assert result.stderr.strip() == f"fileproxy: error: --bind 127.0.0.1:{port}: in use"
+
+
+def test_dev_listens_with_the_same_backlog(origin_process: str):
+    """`fileproxy dev` (one process, its own socket) keeps 2,048 waiting connections too."""
+    port = free_port()
+    process = start_process(
+        [sys.executable, "-m", "fileproxy", "dev", "--upstream", origin_process, "--bind",
+         f"127.0.0.1:{port}", "--no-access-log"], f"http://127.0.0.1:{port}/_fileproxy/health",
+        stderr=subprocess.DEVNULL)
+    try:
+        out = run("ss", "-tlnH", f"sport = :{port}")
+        assert [int(line.split()[2]) for line in out.splitlines()] == [2048]
+    finally:
+        stop(process)
