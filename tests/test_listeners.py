@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from fileproxy.config import Config, ConfigError
-from fileproxy.server.listeners import kernel_migrates_waiting_connections
+from fileproxy.server.listeners import kernel_migrates_waiting_connections, socket_per_worker
 from tests.conftest import free_port, start_process, stop
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,6 +236,18 @@ def test_reading_the_kernel_setting(tmp_path):
     setting.write_text("0\n")
     assert not kernel_migrates_waiting_connections(setting)
     assert not kernel_migrates_waiting_connections(tmp_path / "missing")  # an older kernel
+
+
+def test_which_binds_get_a_socket_per_worker():
+    def per_worker(**settings) -> bool:
+        return socket_per_worker(Config(upstream=("http://127.0.0.1:1",), **settings))
+
+    assert per_worker(bind="127.0.0.1:8080", workers=2, reuse_port="yes")
+    assert per_worker(bind="[::1]:8080", workers=2, reuse_port="yes")
+    assert not per_worker(bind="127.0.0.1:8080", workers=2, reuse_port="no")
+    assert not per_worker(bind="127.0.0.1:8080", workers=1, reuse_port="yes")  # nothing to spread
+    assert not per_worker(bind="127.0.0.1:0", workers=2, reuse_port="yes")  # a port each
+    assert not per_worker(bind="unix:/tmp/fp.sock", workers=2, reuse_port="auto")
 
 
 def test_a_unix_socket_cannot_take_reuse_port_yes():

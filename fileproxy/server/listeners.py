@@ -33,8 +33,9 @@ def kernel_migrates_waiting_connections(setting: Path = MIGRATE_REQ) -> bool:
 
 def socket_per_worker(config: Config) -> bool:
     """Does each worker listen on a socket of its own? (--reuse-port; only with several workers
-    on a TCP address.)"""
-    if config.workers < 2 or config.bind.startswith("unix:"):
+    on a TCP address with a port: on port 0 each worker would get a port of its own.)"""
+    if config.workers < 2 or config.bind.startswith("unix:") \
+            or tcp_address(config.bind)[1][1] == 0:
         return False
     if config.reuse_port == "auto":
         return kernel_migrates_waiting_connections()
@@ -44,7 +45,7 @@ def socket_per_worker(config: Config) -> bool:
 def listening_note(config: Config) -> str | None:
     """One line for the log when the workers share one socket because of the kernel setting."""
     if config.reuse_port != "auto" or config.workers < 2 or config.bind.startswith("unix:") \
-            or socket_per_worker(config):
+            or kernel_migrates_waiting_connections():
         return None
     return ("fileproxy: the workers share one listening socket (--reuse-port auto: "
             "net.ipv4.tcp_migrate_req is not 1); new connections may fall unevenly on them")
