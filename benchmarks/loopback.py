@@ -12,7 +12,6 @@ nginx serving HTTPS (TLS 1.3, one cipher), the 1 GiB download over HTTP/1.1 and 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from benchmarks.common import RssMonitor, cpu_seconds, markdown_table, median, progress, save_results
-from benchmarks.h2floor import floor_note, h2_seconds_per_request
+from benchmarks.h2floor import cores, floor_note, h2_seconds_per_request
 from benchmarks.targets import (
     Running,
     Workdir,
@@ -323,7 +322,7 @@ def main() -> None:
     nginx_h2 = tls_medians.get("nginx TLS", {}).get("h2_small_rps")
     if nginx_h2 and nginx_h2 == nginx_h2:  # (NaN when the row did not run)
         notes.append(floor_note(min(h2_seconds_per_request() for _ in range(3)), nginx_h2,
-                                os.cpu_count() or 1))
+                                cores()))
     tables = [markdown_table(HEADERS, rows)] if rows else []
     if tls_rows:
         tables.append(f"TLS 1.3 ({TLS_CIPHER}, curl and h2load as clients; h2load: 16 "

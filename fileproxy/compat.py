@@ -308,7 +308,10 @@ class ContextWorker(GunicornUVLoopWebWorker):
         if not self.backlog_restored:
             self.backlog_restored = True
             for listener in self.sockets:
-                listener.listen(self.cfg.backlog)
+                try:
+                    listener.listen(self.cfg.backlog)
+                except OSError as error:  # (aiohttp's worker would swallow it and stop)
+                    self.log.warning("cannot set the listen backlog on %s: %s", listener, error)
 
 
 # ---------------------------------------------------------------- h2's connection state

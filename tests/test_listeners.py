@@ -26,12 +26,18 @@ import psutil
 import pytest
 
 from fileproxy.config import Config, ConfigError
-from fileproxy.server.listeners import kernel_migrates_waiting_connections, socket_per_worker
+from fileproxy.server.listeners import (
+    MIGRATE_REQ,
+    kernel_migrates_waiting_connections,
+    socket_per_worker,
+)
 from tests.conftest import free_port, start_process, stop
 
 ROOT = Path(__file__).resolve().parent.parent
-IN_NAMESPACE = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
-                                  reason="needs root and iproute2")
+IN_NAMESPACE = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("ip") or not MIGRATE_REQ.exists(),
+    reason="needs root, iproute2 and a kernel with net.ipv4.tcp_migrate_req (5.14+)")
+ORIGIN_PORT, PROXY_PORT = 8000, 8080  # (the namespace is empty: any port is free there)
 BODY = 1000
 REQUEST = b"GET /bytes/%d HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % BODY
 
@@ -94,6 +100,10 @@ class Served:
     namespace: Namespace
     port: int
     process: subprocess.Popen[bytes]
+    log: Path
+
+    def said(self, text: str) -> bool:
+        return text in self.log.read_text()
 
     def workers(self) -> list[int]:
         return sorted(child.pid for child in psutil.Process(self.process.pid).children()
@@ -101,21 +111,21 @@ class Served:
 
 
 @contextmanager
-def fileproxy_in(space: Namespace, reuse_port: str) -> Iterator[Served]:
-    """The origin and `fileproxy serve` (2 workers) in the namespace."""
-    origin_port, port = free_port(), free_port()
-    origin_url = f"http://{space.address}:{origin_port}"
+def fileproxy_in(space: Namespace, reuse_port: str, log: Path) -> Iterator[Served]:
+    """The origin and `fileproxy serve` (2 workers, its output in `log`) in the namespace."""
+    port, origin_url = PROXY_PORT, f"http://{space.address}:{ORIGIN_PORT}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     origin = start_process(space.exec_args(sys.executable, "-m", "tests.origin", "--host",
-                                           space.address, "--port", str(origin_port)),
+                                           space.address, "--port", str(ORIGIN_PORT)),
                            f"{origin_url}/_origin/events", env=env)
     try:
-        proxy = start_process(
-            space.exec_args(sys.executable, "-m", "fileproxy", "serve", "--upstream", origin_url,
-                            "--bind", f"{space.address}:{port}", "--workers", "2",
-                            "--reuse-port", reuse_port, "--no-access-log"),
-            f"http://{space.address}:{port}/_fileproxy/health", env=env)
-        served = Served(space, port, proxy)
+        with open(log, "wb") as out:
+            proxy = start_process(
+                space.exec_args(sys.executable, "-m", "fileproxy", "serve", "--upstream",
+                                origin_url, "--bind", f"{space.address}:{port}", "--workers",
+                                "2", "--reuse-port", reuse_port, "--no-access-log"),
+                f"http://{space.address}:{port}/_fileproxy/health", env=env, stderr=out)
+        served = Served(space, port, proxy, log)
         try:
             expected = expected_listeners(space, reuse_port)
             wait_until(lambda: len(served.workers()) == 2
@@ -174,23 +184,44 @@ def holders(space: Namespace, port: int) -> dict[int, int]:
 @IN_NAMESPACE
 @pytest.mark.parametrize(("reuse_port", "migrate_req", "listening"), [
     ("auto", 1, 2), ("auto", 0, 1), ("no", 1, 1)], ids=["auto-migrating", "auto-not", "no"])
-def test_auto_takes_a_socket_per_worker_only_where_the_kernel_migrates(reuse_port, migrate_req,
-                                                                      listening):
-    with namespace(migrate_req) as space, fileproxy_in(space, reuse_port) as served:
+def test_auto_takes_a_socket_per_worker_only_where_the_kernel_migrates(
+        reuse_port, migrate_req, listening, tmp_path):
+    with namespace(migrate_req) as space, \
+            fileproxy_in(space, reuse_port, tmp_path / "serve.log") as served:
         sockets = space.listeners(served.port)
         assert len(sockets) == listening
         if listening == 2:  # one each: a worker holds its own socket, the master none
             assert sorted(pid for listener in sockets for pid in listener.pids) \
                 == served.workers()
+            assert served.said("each worker listens on a socket of its own")
+        elif reuse_port == "auto":
+            assert served.said("the workers share one listening socket (--reuse-port auto: "
+                               "net.ipv4.tcp_migrate_req is not 1)")
+        connections = until_every_worker_serves(served)  # both past their sites' listen(128)
+        for connection in connections:
+            connection.close()
         # gunicorn's backlog, not the 128 aiohttp's site listens with
-        assert {listener.backlog for listener in sockets} == {2048}
+        assert {listener.backlog for listener in space.listeners(served.port)} == {2048}
+
+
+def until_every_worker_serves(served: Served, most: int = 200) -> list[socket.socket]:
+    """Connections (left open) until each worker holds one it answered on."""
+    connections: list[socket.socket] = []
+    while set(holders(served.namespace, served.port)) != set(served.workers()):
+        assert len(connections) < most, "a worker never took a connection"
+        connection = socket.create_connection((served.namespace.address, served.port),
+                                              timeout=15)
+        connection.sendall(b"GET /bytes/10 HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+        connections.append(connection)
+    return connections
 
 
 @IN_NAMESPACE
-def test_a_socket_per_worker_spreads_connections_over_the_workers():
+def test_a_socket_per_worker_spreads_connections_over_the_workers(tmp_path):
     """32 connections at once (h2load's burst): both workers take some (on one shared socket,
     the first worker awake could take all of them)."""
-    with namespace(1) as space, fileproxy_in(space, "yes") as served:
+    with namespace(1) as space, fileproxy_in(space, "yes", tmp_path / "serve.log") as served:
         connections = [socket.create_connection((space.address, served.port), timeout=15)
                        for _ in range(32)]
         try:
@@ -209,14 +240,17 @@ def test_a_socket_per_worker_spreads_connections_over_the_workers():
 @pytest.mark.parametrize(("reuse_port", "migrate_req", "all_answered"), [
     ("auto", 1, True), ("auto", 0, True), ("yes", 0, False)],
     ids=["own-sockets-migrating", "shared-socket", "own-sockets-not-migrating"])
-def test_connections_waiting_for_a_killed_worker(reuse_port, migrate_req, all_answered):
+def test_connections_waiting_for_a_killed_worker(reuse_port, migrate_req, all_answered,
+                                                 tmp_path):
     """A worker stops (SIGSTOP) while 24 clients connect and send their request, then dies
     (SIGKILL). On a shared socket the other worker takes them; on a socket of its own they move
     to another worker's when the kernel migrates them (auto), and are reset when it does not
     (the cost --reuse-port yes accepts without tcp_migrate_req)."""
-    with namespace(migrate_req) as space, fileproxy_in(space, reuse_port) as served:
+    with namespace(migrate_req) as space, \
+            fileproxy_in(space, reuse_port, tmp_path / "serve.log") as served:
         victim = served.workers()[0]
         os.kill(victim, signal.SIGSTOP)
+        wait_until(lambda: psutil.Process(victim).status() == psutil.STATUS_STOPPED)
         connections = send_requests(space.address, served.port, 24)
         if expected_listeners(space, reuse_port) == 2:
             wait_until(lambda: any(listener.waiting for listener in space.listeners(served.port)
@@ -269,8 +303,9 @@ def test_an_address_in_use_stops_serve_with_one_line(origin_process: str):
             capture_output=True, text=True, timeout=30)
     finally:
         taken.close()
-    assert result.returncode != 0
-    assert result.stderr.strip() == f"fileproxy: error: --bind 127.0.0.1:{port}: in use"
+    assert result.returncode != 0  # (after gunicorn's "Starting" line: the probe is its hook's)
+    assert result.stderr.strip().splitlines()[-1] \
+        == f"fileproxy: error: --bind 127.0.0.1:{port}: in use"
 
 
 def test_dev_listens_with_the_same_backlog(origin_process: str):

@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING
 
 from fileproxy.config import active_config
 from fileproxy.observability import metrics
-from fileproxy.server.listeners import LISTEN_BACKLOG, socket_per_worker
+from fileproxy.server.listeners import (
+    LISTEN_BACKLOG,
+    listening_note,
+    listening_problem,
+    socket_per_worker,
+)
 from fileproxy.upstream.sockets import SocketOptions
 
 if TYPE_CHECKING:
@@ -79,7 +84,13 @@ proc_name = "fileproxy"
 
 
 def on_starting(server: Arbiter) -> None:
-    """A fresh directory where every worker's metrics meet (prometheus-client multiprocess)."""
+    """How the workers will listen (said in one line, and a --bind that cannot be had stops
+    start-up with one), and a fresh directory where every worker's metrics meet
+    (prometheus-client multiprocess)."""
+    if problem := listening_problem(_config, server.cfg.reuse_port):
+        raise SystemExit(f"fileproxy: error: {problem}")
+    if server.log is not None:
+        server.log.info(listening_note(_config, server.cfg.reuse_port))
     metrics.prepare_multiprocess_dir()
 
 

@@ -141,24 +141,29 @@ class Opening(asyncio.Protocol):
             protocol.data_received(self.buffer)
 
 
+def server_machine(config: Config) -> h2.connection.H2Connection:
+    """h2's state machine for one client connection, with fileproxy's settings. A request's
+    fields are validated with h2's own rules (RFC 9113 8.2, 8.3) once they arrived
+    (request_received), so that a malformed request is a stream error and the connection's other
+    streams go on; responses are built here from checked fields, so h2's second look at them is
+    skipped."""
+    machine = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=False, header_encoding=None, validate_inbound_headers=False,
+        validate_outbound_headers=False, normalize_outbound_headers=False))
+    machine.local_settings = h2.settings.Settings(client=False, initial_values={
+        h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: config.h2_window,
+        h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: config.h2_max_streams,
+        h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 2 * config.max_header_size,
+    })
+    return machine
+
+
 class H2Connection(asyncio.Protocol):
     """One client connection speaking HTTP/2: frames in, events to streams, frames out."""
 
     def __init__(self, host: Host) -> None:
         self.host = host
-        config = host.config
-        # A request's fields are validated with h2's own rules (RFC 9113 8.2, 8.3) once they
-        # arrived (request_received), so that a malformed request is a stream error and the
-        # connection's other streams go on; responses are built here from checked fields, so
-        # h2's second look at them is skipped.
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=False,
-            validate_outbound_headers=False, normalize_outbound_headers=False))
-        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: config.h2_window,
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: config.h2_max_streams,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 2 * config.max_header_size,
-        })
+        self.h2 = server_machine(host.config)
         self.streams: dict[int, H2Stream] = {}
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None

@@ -31,24 +31,40 @@ def kernel_migrates_waiting_connections(setting: Path = MIGRATE_REQ) -> bool:
         return False
 
 
+def inherits_sockets() -> bool:
+    """Were the listening sockets handed over (systemd socket activation, or the old master of a
+    gunicorn USR2 upgrade)? gunicorn's reuse_port would ignore them."""
+    return bool(os.environ.get("LISTEN_FDS") or os.environ.get("GUNICORN_FD"))
+
+
 def socket_per_worker(config: Config) -> bool:
     """Does each worker listen on a socket of its own? (--reuse-port; only with several workers
     on a TCP address with a port: on port 0 each worker would get a port of its own.)"""
     if config.workers < 2 or config.bind.startswith("unix:") \
-            or tcp_address(config.bind)[1][1] == 0:
+            or tcp_address(config.bind)[1][1] == 0 or inherits_sockets():
         return False
     if config.reuse_port == "auto":
         return kernel_migrates_waiting_connections()
     return config.reuse_port == "yes"
 
 
-def listening_note(config: Config) -> str | None:
-    """One line for the log when the workers share one socket because of the kernel setting."""
-    if config.reuse_port != "auto" or config.workers < 2 or config.bind.startswith("unix:") \
-            or kernel_migrates_waiting_connections():
+def listening_problem(config: Config, per_worker: bool) -> str | None:
+    """Why the workers cannot each bind --bind (probed before they do: with SO_REUSEPORT a
+    second server of the same user would otherwise join the group silently)."""
+    if not per_worker or os.environ.get("GUNICORN_PID"):  # (a USR2 child: the old one has it)
         return None
-    return ("fileproxy: the workers share one listening socket (--reuse-port auto: "
-            "net.ipv4.tcp_migrate_req is not 1); new connections may fall unevenly on them")
+    return address_problem(config)
+
+
+def listening_note(config: Config, per_worker: bool) -> str:
+    """One line for the log: how the workers listen, and why."""
+    if per_worker:
+        return f"fileproxy: each worker listens on a socket of its own at {config.bind}"
+    if config.reuse_port == "auto" and config.workers > 1 and not inherits_sockets() \
+            and not kernel_migrates_waiting_connections():
+        return ("fileproxy: the workers share one listening socket (--reuse-port auto: "
+                "net.ipv4.tcp_migrate_req is not 1); new connections may fall unevenly on them")
+    return f"fileproxy: the workers share one listening socket at {config.bind}"
 
 
 def address_problem(config: Config) -> str | None:

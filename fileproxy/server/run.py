@@ -24,13 +24,7 @@ from gunicorn.arbiter import Arbiter
 from fileproxy.app import build_runner, configure_logging, gunicorn_app
 from fileproxy.config import Config, activate
 from fileproxy.loops import loop_factory
-from fileproxy.server.listeners import (
-    LISTEN_BACKLOG,
-    address_problem,
-    listening_note,
-    socket_per_worker,
-    tcp_address,
-)
+from fileproxy.server.listeners import LISTEN_BACKLOG, tcp_address
 from fileproxy.server.tls import reload_certificate, server_context
 from fileproxy.upstream.sockets import SocketOptions
 
@@ -67,6 +61,16 @@ class CertificateArbiter(Arbiter):
     in place, so no running transfer is cut (gunicorn's own SIGHUP replaces the workers, which
     end their transfers within the graceful timeout). Without HTTPS, gunicorn's SIGHUP."""
 
+    def handle_usr2(self) -> None:
+        """gunicorn's binary upgrade hands the master's sockets to a new master; with a socket
+        per worker the master holds none, and gunicorn's new master would fail on it."""
+        if self.cfg.reuse_port:
+            if self.log is not None:
+                self.log.warning("USR2 ignored: with a socket per worker (--reuse-port) there "
+                                 "are no master sockets to hand over; restart instead")
+            return
+        super().handle_usr2()
+
     def handle_hup(self) -> None:
         if not self.cfg.is_ssl:
             super().handle_hup()
@@ -77,10 +81,6 @@ class CertificateArbiter(Arbiter):
 
 
 def run_gunicorn(config: Config) -> int:
-    if socket_per_worker(config) and (problem := address_problem(config)):
-        raise SystemExit(f"fileproxy: error: {problem}")
-    if note := listening_note(config):
-        print(note, file=sys.stderr, flush=True)
     with shared_state(config) as config:
         activate(config)
         GunicornServer().run()
