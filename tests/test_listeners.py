@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -318,5 +319,26 @@ def test_dev_listens_with_the_same_backlog(origin_process: str):
     try:
         out = run("ss", "-tlnH", f"sport = :{port}")
         assert [int(line.split()[2]) for line in out.splitlines()] == [2048]
+    finally:
+        stop(process)
+
+
+def test_usr2_is_ignored_with_a_socket_per_worker(origin_process: str, tmp_path):
+    """gunicorn's binary upgrade hands the master's sockets over; with a socket per worker it
+    has none (gunicorn's new master would fail on it), so the master says so and serves on."""
+    port, log = free_port(), tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "wb") as out:
+        process = start_process(
+            [sys.executable, "-m", "fileproxy", "serve", "--upstream", origin_process, "--bind",
+             f"127.0.0.1:{port}", "--workers", "2", "--reuse-port", "yes", "--no-access-log"],
+            f"{url}/_fileproxy/health", stderr=out)
+    try:
+        workers = {child.pid for child in psutil.Process(process.pid).children()}
+        os.kill(process.pid, signal.SIGUSR2)
+        wait_until(lambda: "USR2 ignored" in log.read_text())
+        with urllib.request.urlopen(f"{url}/bytes/{BODY}") as response:
+            assert len(response.read()) == BODY
+        assert {child.pid for child in psutil.Process(process.pid).children()} == workers
     finally:
         stop(process)
