@@ -252,9 +252,7 @@ class Workload:
                 "stalled": "/stall?send=100000&pause=1"}[kind]
         async with self.session.get(self.cluster.entry + path) as response:
             if kind == "client-cut":
-                await response.content.readexactly(min(size, 64 * 1024))
-                response.close()
-                self.ledger.count("download: cut by the client")
+                await self.cut_by_client(response, min(size, 64 * 1024))
                 return
             try:
                 body = await response.read()
@@ -262,6 +260,26 @@ class Workload:
                 self.ledger.count(f"download {kind}: cut, the client told")
                 return
         self.check_complete(kind, size, response.status, body)
+
+    async def cut_by_client(self, response: aiohttp.ClientResponse, wanted: int) -> None:
+        """Read the first `wanted` bytes of a 200, then leave. A refusal (its short body: a 502
+        while an instance is down) is counted; a 200 that ends cleanly before them was
+        truncated as complete."""
+        if response.status != 200:
+            self.ledger.count(f"download client-cut: status {response.status}")
+            return
+        try:
+            await response.content.readexactly(wanted)
+        except aiohttp.ClientPayloadError:
+            self.ledger.count("download client-cut: cut, the client told")
+            return
+        except asyncio.IncompleteReadError as error:
+            self.ledger.violate("bodies truncated but delivered as complete",
+                                f"client-cut: ended cleanly after {len(error.partial)} bytes")
+            return
+        finally:
+            response.close()
+        self.ledger.count("download: cut by the client")
 
     def check_complete(self, kind: str, size: int, status: int, body: bytes) -> None:
         """A body that ended cleanly must be whole: anything else was truncated as complete."""
