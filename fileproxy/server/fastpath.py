@@ -27,7 +27,7 @@ import httptools
 from aiohttp import HttpVersion, HttpVersion11, web
 from multidict import CIMultiDict
 
-from fileproxy.compat import SINGLETONS, request_handler
+from fileproxy.compat import SINGLETONS, HttpVersion20, request_handler
 from fileproxy.config import Config
 from fileproxy.core.checks import REQUEST_LINE
 from fileproxy.core.exchange import Exchange, request_id_for
@@ -48,7 +48,6 @@ from fileproxy.server.h2server import H2Connection, Opening
 from fileproxy.upstream.aiohttp_client import UpstreamResponse
 from fileproxy.upstream.sockets import SocketOptions
 
-HTTP2 = HttpVersion(2, 0)
 # Headers that mean "not a plain GET": a body, an interim exchange, a protocol switch, async.
 HANDED_OVER_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
                                  b"prefer"})
@@ -98,15 +97,9 @@ class Gate:
               keep_alive: bool, connection: FastConnection) -> FastRequest | None:
         if len(url) > self.longest_url or not REQUEST_LINE.fullmatch(line):
             return None
-        headers = self.plain_headers(raw_headers)
-        if headers is None:
-            return None
-        request = FastRequest(url.decode("utf-8", "surrogateescape"), tuple(raw_headers), headers,
+        return self.plain_get(url.decode("utf-8", "surrogateescape"), raw_headers,
                               connection.remote, connection.scheme, keep_alive,
-                              connection.transport)
-        if route("GET", request.path, headers, self.config) is not Route.FORWARD:
-            return None
-        return request
+                              connection.transport, HttpVersion11)
 
     def admit_h2(self, method: str, target: str, raw_headers: list[tuple[bytes, bytes]],
                  transport: asyncio.Transport, remote: str | None, scheme: str
@@ -116,11 +109,18 @@ class Gate:
         aiohttp's request and response objects)."""
         if method != "GET" or len(target) > self.longest_url or not target.startswith("/"):
             return None
+        return self.plain_get(target, raw_headers, remote, scheme, True, transport,
+                              HttpVersion20)
+
+    def plain_get(self, target: str, raw_headers: list[tuple[bytes, bytes]], remote: str | None,
+                  scheme: str, keep_alive: bool, transport: asyncio.Transport | None,
+                  version: HttpVersion) -> FastRequest | None:
+        """The GET, unless a field asks for aiohttp or the request path does not forward it."""
         headers = self.plain_headers(raw_headers)
         if headers is None:
             return None
-        request = FastRequest(target, tuple(raw_headers), headers, remote, scheme, True,
-                              transport, version=HTTP2)
+        request = FastRequest(target, tuple(raw_headers), headers, remote, scheme, keep_alive,
+                              transport, version=version)
         if route("GET", request.path, headers, self.config) is not Route.FORWARD:
             return None
         return request

@@ -451,7 +451,6 @@ class H2Stream:
 
     def reset_by_client(self, error_code: int) -> None:
         log.debug("HTTP/2 stream %d reset by the client (%s)", self.id, error_code)
-        self.closed = True
         self.lost()
 
     def lost(self) -> None:
@@ -477,9 +476,9 @@ class H2Stream:
 
     def send_interim(self, status: int, fields: list[tuple[bytes, bytes]]) -> None:
         """A 1xx response as a HEADERS frame before the final one (RFC 9113 8.1)."""
-        self.send_headers([(b":status", str(status).encode())] + [
-            (name.lower(), value) for name, value in fields
-            if name.decode("latin-1").lower() not in CONNECTION_SPECIFIC], False)
+        self.send_headers(response_fields(status, (
+            (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+            for name, value in fields), CONNECTION_SPECIFIC), False)
 
     def send_headers(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
         self.check_open()
@@ -522,6 +521,15 @@ class H2Stream:
 
     def window_changed(self) -> None:
         self._window.set()
+
+
+def response_fields(status: int, fields: Iterable[tuple[str, str]], dropped: frozenset[str]
+                    ) -> list[tuple[bytes, bytes]]:
+    """A response head as HTTP/2 fields: :status first, names lower-cased, the fields HTTP/2
+    does not carry (`dropped`) left out."""
+    return [(b":status", str(status).encode())] + [
+        (name.lower().encode("latin-1"), value.encode("utf-8", "surrogateescape"))
+        for name, value in fields if name.lower() not in dropped]
 
 
 def as_http1(headers: list[tuple[bytes, bytes]]) -> tuple[str, str, list[tuple[bytes, bytes]]]:
@@ -645,9 +653,7 @@ class H2Response:
         self.fault: str | None = None
         self.whole = body
         empty = status in NO_BODY_STATUSES
-        head = [(b":status", str(status).encode())] + [
-            (name.lower().encode("latin-1"), value.encode("utf-8", "surrogateescape"))
-            for name, value in fields if name.lower() not in CONNECTION_SPECIFIC_OR_LENGTH]
+        head = response_fields(status, fields, CONNECTION_SPECIFIC_OR_LENGTH)
         if length is not None:
             head.append((b"content-length", str(length).encode()))
         if not any(name == b"date" for name, _ in head):
@@ -693,10 +699,8 @@ class H2Writer(AbstractStreamWriter):
         """HTTP/2 frames the body itself."""
 
     async def write_headers(self, status_line: str, headers: CIMultiDict[str]) -> None:
-        status = status_line.split(" ", 2)[1]
-        self._head = [(b":status", status.encode())] + [
-            (name.lower().encode("latin-1"), value.encode("utf-8", "surrogateescape"))
-            for name, value in headers.items() if name.lower() not in CONNECTION_SPECIFIC]
+        status = int(status_line.split(" ", 2)[1])
+        self._head = response_fields(status, headers.items(), CONNECTION_SPECIFIC)
 
     def send_headers(self, end: bool = False) -> None:
         if self._head is not None and not self.headers_sent:
